@@ -1,0 +1,169 @@
+"""LoRA adapters on Flax NNX linear layers, with PEFT's scaling and a per-layer sketch mask.
+
+A wrapped layer computes ``y = x W0 + c * ((x A) * s) B`` (paper.md section 1) where ``W0`` is the
+frozen base kernel, ``A: d_in x r`` (random init), ``B: r x d_out`` (zero init), ``c`` the LoRA
+scaling (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA) and ``s`` the client's rank mask
+(:class:`SketchMask`, all ones for the global model). Because ``s`` multiplies the rank axis, autodiff
+gives exactly zero gradient to the rank components a client does not hold.
+
+Variables are typed so that ``nnx.split`` separates what the federation treats differently:
+``nnx.LoRAParam`` and :class:`HeadParam` are trained, :class:`SketchMask` is per client, everything
+else (``nnx.Param``) is the frozen base shared by all clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SketchMask(nnx.Variable):
+    """Rank mask ``s`` of one LoRA layer: ``r/k`` on the client's kept components, 0 elsewhere."""
+
+
+class HeadParam(nnx.Param):
+    """A fully trained parameter (PEFT's ``modules_to_save``), e.g. a fresh classification head."""
+
+
+TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Where and how LoRA is applied.
+
+    Attributes:
+      rank: global LoRA rank ``r`` (the paper's gamma).
+      alpha: LoRA alpha; the scaling is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
+      rslora: use rank-stabilised scaling.
+      targets: module-name patterns of the linear layers to adapt. A pattern matches a module path
+        (``/``-joined, e.g. ``layers/0/attn/query``) when it equals the last path components or
+        fully matches it as a regular expression.
+      modules_to_save: module-name patterns whose parameters are trained in full (heads).
+      dropout: LoRA dropout probability on the adapter input (0 disables it).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = ("query", "value")
+    modules_to_save: tuple[str, ...] = ("classifier",)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}.")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
+        if not self.targets:
+            raise ValueError("lora.targets is empty: name at least one linear layer to adapt, "
+                             "e.g. targets=('query', 'value').")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALinear(nnx.Module):
+    """A frozen ``nnx.Linear`` plus a sketched low-rank update."""
+
+    def __init__(self, base: nnx.Linear, rank: int, scaling: float, *, dropout: float = 0.0,
+                 rngs: nnx.Rngs):
+        d_in, d_out = base.in_features, base.out_features
+        if rank > min(d_in, d_out):
+            raise ValueError(f"LoRA rank {rank} exceeds the layer's dimensions ({d_in} x {d_out}); "
+                             f"use rank <= {min(d_in, d_out)}.")
+        dtype = base.kernel.dtype
+        self.base = base
+        # PEFT initialises A with kaiming_uniform(a=sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(d_in)
+        self.lora_a = nnx.LoRAParam(
+            jax.random.uniform(rngs.params(), (d_in, rank), dtype, -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), dtype))
+        self.sketch = SketchMask(jnp.ones((rank,), dtype))
+        self.scaling = scaling
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[-1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        z = x if self.dropout is None else self.dropout(x)
+        z = (z @ self.lora_a[...]) * self.sketch[...]
+        return self.base(x) + self.scaling * (z @ self.lora_b[...])
+
+
+def path_str(path: Sequence) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def matches(pattern: str, path: str) -> bool:
+    """PEFT-like matching: suffix of whole path components, or a full regular-expression match."""
+    return path == pattern or path.endswith("/" + pattern) or re.fullmatch(pattern, path) is not None
+
+
+def _set_child(root: nnx.Module, path: tuple, value) -> None:
+    parent = root
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Wraps the target linear layers of ``model`` in :class:`LoRALinear`, in place.
+
+    Parameters of ``cfg.modules_to_save`` become :class:`HeadParam` (trained in full).
+    Raises ``ValueError`` when a pattern matches no layer, naming the available ones.
+    """
+    linears = [(p, m) for p, m in nnx.iter_modules(model)
+               if isinstance(m, nnx.Linear) and p]
+    names = [path_str(p) for p, _ in linears]
+    for pattern in cfg.targets:
+        if not any(matches(pattern, n) for n in names):
+            raise ValueError(f"LoRA target {pattern!r} matches no linear layer. "
+                             f"Linear layers of this model: {sorted(set(names))[:24]}")
+    for (path, lin), name in zip(linears, names):
+        if any(matches(t, name) for t in cfg.targets):
+            _set_child(model, path, LoRALinear(lin, cfg.rank, cfg.scaling,
+                                               dropout=cfg.dropout, rngs=rngs))
+    saved = 0
+    for path, module in list(nnx.iter_modules(model)):
+        if path and any(matches(t, path_str(path)) for t in cfg.modules_to_save):
+            for attr, var in list(vars(module).items()):
+                if type(var) is nnx.Param:
+                    setattr(module, attr, HeadParam(var[...]))
+                    saved += 1
+    if cfg.modules_to_save and not saved:
+        raise ValueError(f"modules_to_save {cfg.modules_to_save} match no module of the model; "
+                         "set lora.modules_to_save=() if the model has no head to train.")
+    return model
+
+
+def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
+    return [(path_str(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its base kernel (``W0 + c A B``) and unwraps it, in place."""
+    for path, module in list(nnx.iter_modules(model)):
+        if isinstance(module, LoRALinear):
+            a, b, s = module.lora_a[...], module.lora_b[...], module.sketch[...]
+            module.base.kernel[...] = module.base.kernel[...] + module.scaling * (a * s) @ b
+            _set_child(model, path, module.base)
+    return model
+
+
+def num_adapter_params(lora_state) -> int:
+    return sum(x.size for x in jax.tree.leaves(lora_state))
