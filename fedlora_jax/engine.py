@@ -1,0 +1,232 @@
+"""The federated round as array programs (architecture.md, "One round, as data").
+
+``key -> sampling mask (N) -> participant ids -> fixed-size chunks (C) -> sketch masks (C x r)
+-> local training (vmap over C) -> weighted sum of deltas (a_n I_n / q_n) -> server optimizer``.
+
+Shapes are static per run (chunk size, local steps, batch, sequence length), so a round never
+recompiles whatever its number of participants; a round with no participant is legal (the server
+applies a zero pseudo-gradient). Every client's randomness is ``fold_in(round_key, client_id)``, so
+results do not depend on how participants are packed into chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from fedlora_jax import sampling
+from fedlora_jax.client import ClientConfig, LossFn, ModelParts, train_clients
+from fedlora_jax.data.pool import ClientPool, iterate_batches, sample_batches
+from fedlora_jax.optim import OptimizerConfig, make_optimizer
+from fedlora_jax.sketch import adapter_sizes, draw_sketch
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """How clients take part.
+
+    Attributes:
+      rounds: number of communication rounds.
+      participants: expected participants per round; the default ``q_n = participants / N``.
+      sampling: ``independent`` (Bernoulli ``q_n``, the paper), ``uniform`` (exactly K of N) or
+        ``full``.
+      chunk_size: clients trained together by one compiled, vmapped call (padding fills the last).
+      sketch_ratio: default ``rho = k / r`` for every client (1 disables sketching).
+      shared_sketch: one sketch draw for all layers of a client (else one per layer).
+      seed: seeds the run's PRNG key.
+    """
+
+    rounds: int = 20
+    participants: float = 10.0
+    sampling: str = "independent"
+    chunk_size: int = 8
+    sketch_ratio: float = 1.0
+    shared_sketch: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampling not in sampling.SCHEMES:
+            raise ValueError(f"Unknown sampling {self.sampling!r}; valid: {sorted(sampling.SCHEMES)}.")
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"federation.rounds must be a non-negative integer, got {self.rounds!r}.")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"federation.chunk_size must be a positive integer, got {self.chunk_size!r}.")
+        if not self.participants > 0:
+            raise ValueError(f"federation.participants must be > 0, got {self.participants!r}.")
+        if not 0 < self.sketch_ratio <= 1:
+            raise ValueError(f"federation.sketch_ratio must be in (0, 1], got {self.sketch_ratio!r}.")
+
+
+@struct.dataclass
+class ServerState:
+    """Everything that changes across rounds: the run's checkpoint."""
+
+    trainable: nnx.State  # global adapter and heads
+    opt_state: optax.OptState
+    round: jax.Array  # int32
+    key: jax.Array
+    clock: jax.Array  # simulated wall-clock seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """Host-side record of one round."""
+
+    participants: np.ndarray  # (P,) client ids
+    update_sq_norms: np.ndarray  # (P,) ||delta_n||^2, for the G_n estimators
+    train_loss: float
+    train_accuracy: float
+    uplink_params: float
+
+
+def validate_ranks(k, num_clients: int, rank: int) -> np.ndarray:
+    """Checks the per-client kept ranks ``k_n`` on the host; returns int32."""
+    k = np.asarray(k)
+    if k.shape != (num_clients,):
+        raise ValueError(f"Sketch sizes k have shape {k.shape}; expected ({num_clients},).")
+    if not np.issubdtype(k.dtype, np.integer):
+        if not np.isfinite(k).all() or (k != np.round(k)).any():
+            raise ValueError("Sketch sizes k must be integers (k_n = rho_n * r rounded to the grid).")
+    bad = np.flatnonzero((k < 1) | (k > rank))
+    if bad.size:
+        raise ValueError(f"Sketch size k must lie in [1, r={rank}]; client {bad[0]} has "
+                         f"k={k[bad[0]]} (ratio must be in [1/r, 1]).")
+    return k.astype(np.int32)
+
+
+def ratio_to_rank(ratio, rank: int) -> np.ndarray:
+    """``k = round(rho * r)``, at least 1."""
+    return np.clip(np.round(np.asarray(ratio, np.float64) * rank), 1, rank).astype(np.int32)
+
+
+def _chunk_step(graphdef, loss_fn, optimizer, steps, batch_size, shared_sketch,
+                base, trainable, template, pool: ClientPool, acc, ids, valid, q, k, key):
+    """Trains one chunk of clients and adds ``sum_c a_c / q_c delta_c`` to the accumulator."""
+    chex.assert_equal_shape([ids, valid])
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(ids)
+    sketches = jax.vmap(lambda kk, kn: draw_sketch(kk, kn, template,
+                                                   shared_across_layers=shared_sketch)
+                        )(keys[:, 0], k[ids])
+    batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
+    deltas, metrics = train_clients(graphdef, base, trainable, sketches, batches,
+                                    loss_fn=loss_fn, optimizer=optimizer)
+    weights = jnp.where(valid, pool.weights[ids] / q[ids], 0.0)
+    acc = jax.tree.map(lambda s, d: s + jnp.tensordot(weights, d, axes=1), acc, deltas)
+    sq_norms = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1) for d in jax.tree.leaves(deltas))
+    metrics = jax.tree.map(lambda m: jnp.where(valid, m, 0).sum(), metrics)
+    return acc, sq_norms, metrics
+
+
+def _server_step(optimizer, state: ServerState, acc, round_time) -> ServerState:
+    """Applies the pseudo-gradient ``g = -sum_n a_n I_n / q_n delta_n`` with the server optimizer."""
+    grads = jax.tree.map(jnp.negative, acc)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    return state.replace(trainable=optax.apply_updates(state.trainable, updates),
+                         opt_state=opt_state, round=state.round + 1,
+                         clock=state.clock + round_time)
+
+
+class FederatedEngine:
+    """Runs rounds of federated sketched LoRA over a :class:`ClientPool`.
+
+    Compiled functions are built once here; ``run_round`` only packs participant ids on the host.
+    ``clock(mask (N,), k (N,)) -> seconds`` advances the simulated wall-clock (0 when omitted).
+    """
+
+    def __init__(self, parts: ModelParts, pool: ClientPool, loss_fn: LossFn, *,
+                 client: ClientConfig = ClientConfig(),
+                 client_optimizer: OptimizerConfig = OptimizerConfig(),
+                 server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0),
+                 federation: FederationConfig = FederationConfig(),
+                 clock: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+        self.parts, self.pool, self.cfg, self.client_cfg = parts, pool, federation, client
+        self.rank = int(jax.tree.leaves(parts.sketch)[0].shape[-1])
+        self.adapter_sizes = adapter_sizes(parts.trainable)
+        self._server_opt = make_optimizer(server_optimizer)
+        self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
+        self._chunk = jax.jit(
+            functools.partial(_chunk_step, parts.graphdef, loss_fn, make_optimizer(client_optimizer),
+                              client.local_steps, client.batch_size, federation.shared_sketch),
+            donate_argnames=("acc",))
+        self._server = jax.jit(functools.partial(_server_step, self._server_opt),
+                               donate_argnames=("state",))
+        self._clock = clock
+        self._eval = jax.jit(lambda trainable, base, batch: loss_fn(
+            nnx.merge(parts.graphdef, trainable, parts.sketch, base), batch)[1])
+
+    @property
+    def num_clients(self) -> int:
+        return self.pool.num_clients
+
+    def default_q(self) -> np.ndarray:
+        return np.full(self.num_clients, min(1.0, self.cfg.participants / self.num_clients),
+                       np.float32)
+
+    def default_k(self) -> np.ndarray:
+        return ratio_to_rank(np.full(self.num_clients, self.cfg.sketch_ratio), self.rank)
+
+    def init(self, seed: int | None = None) -> ServerState:
+        seed = self.cfg.seed if seed is None else seed
+        trainable = self.parts.trainable
+        return ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
+                           round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
+                           clock=jnp.zeros((), jnp.float32))
+
+    def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pads participant ids to whole chunks: ``(num_chunks, C)`` ids and validity mask."""
+        c = self.cfg.chunk_size
+        num_chunks = -(-participants.size // c)
+        ids = np.zeros(num_chunks * c, np.int32)
+        ids[:participants.size] = participants
+        valid = np.arange(num_chunks * c) < participants.size
+        return ids.reshape(num_chunks, c), valid.reshape(num_chunks, c)
+
+    def run_round(self, state: ServerState, q=None, k=None) -> tuple[ServerState, RoundResult]:
+        """One round with per-client sampling probabilities ``q`` and kept ranks ``k``."""
+        q = sampling.validate_probabilities(self.default_q() if q is None else q, self.num_clients)
+        k = validate_ranks(self.default_k() if k is None else k, self.num_clients, self.rank)
+        q_incl = sampling.inclusion_probabilities(self.cfg.sampling, q).astype(np.float32)
+        key, k_sample, k_train = jax.random.split(state.key, 3)
+        mask = self._sample(k_sample, jnp.asarray(q))
+        participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
+        ids, valid = self.pack(participants)
+        acc = jax.tree.map(jnp.zeros_like, state.trainable)
+        q_dev, k_dev = jnp.asarray(q_incl), jnp.asarray(k)
+        sq_norms, totals = [], {}
+        for chunk_ids, chunk_valid in zip(ids, valid):
+            acc, norms, metrics = self._chunk(self.parts.base, state.trainable, self.parts.sketch,
+                                              self.pool, acc, chunk_ids, chunk_valid, q_dev, k_dev,
+                                              k_train)
+            sq_norms.append(np.asarray(norms)[chunk_valid])
+            totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
+        round_time = jnp.float32(0.0) if self._clock is None else self._clock(mask, k_dev)
+        state = self._server(state.replace(key=key), acc, round_time)
+        sq = np.concatenate(sq_norms) if sq_norms else np.zeros(0, np.float32)
+        if not np.isfinite(sq).all():
+            raise FloatingPointError(
+                f"Client updates became NaN/inf in round {int(state.round)}: lower the client "
+                "learning rate, add client_optimizer.clip_norm, or use a smaller server learning rate.")
+        count = float(totals["count"]) if totals else 0.0
+        lora_params, head_params = self.adapter_sizes
+        return state, RoundResult(
+            participants=participants, update_sq_norms=sq,
+            train_loss=float(totals["loss_sum"]) / count if count else float("nan"),
+            train_accuracy=float(totals["correct"]) / count if count else float("nan"),
+            uplink_params=float((k[participants] / self.rank * lora_params + head_params).sum()))
+
+    def evaluate(self, state: ServerState, examples: dict, batch_size: int = 64) -> dict[str, float]:
+        """Loss and accuracy of the global model (un-sketched) on held-out examples."""
+        totals = None
+        for batch in iterate_batches(examples, batch_size):
+            m = self._eval(state.trainable, self.parts.base, batch)
+            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+        count = float(totals["count"])
+        return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}

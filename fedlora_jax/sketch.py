@@ -1,0 +1,74 @@
+"""Per-client sketch masks (paper.md section 1) and what a sketch costs in payload.
+
+Client ``n`` keeps ``k_n`` of the ``r`` rank components of every adapted layer, chosen uniformly
+without replacement; its mask is ``s = (r / k_n) 1_I`` so that ``E[diag(s)] = I``. ``B`` and ``A`` of
+a layer share the mask (it multiplies the rank axis between them). Draws are per layer or one draw
+shared by all layers. ``k_n`` is traced, so clients with different ``k_n`` share one vmapped batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def rank_mask(key: jax.Array, k: jax.Array, rank: int, dtype=jnp.float32) -> jax.Array:
+    """``(rank,)`` mask with value ``rank / k`` on a uniformly random ``k``-subset, 0 elsewhere."""
+    keep = jax.random.permutation(key, rank) < k
+    return jnp.where(keep, rank / k, 0.0).astype(dtype)
+
+
+def draw_sketch(key: jax.Array, k: jax.Array, template: nnx.State, *,
+                shared_across_layers: bool) -> nnx.State:
+    """One client's masks, one per LoRA layer of ``template`` (the model's SketchMask state)."""
+    leaves, treedef = jax.tree.flatten(template)
+    rank = leaves[0].shape[-1]
+    keys = [key] * len(leaves) if shared_across_layers else list(jax.random.split(key, len(leaves)))
+    return jax.tree.unflatten(treedef, [rank_mask(kk, k, rank, leaf.dtype)
+                                        for kk, leaf in zip(keys, leaves)])
+
+
+def full_sketch(template: nnx.State) -> nnx.State:
+    """The all-ones sketch (``k = r``): the un-sketched global model."""
+    return jax.tree.map(jnp.ones_like, template)
+
+
+def _names(key_path) -> tuple:
+    return tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+
+
+def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
+    """Zeroes the entries of a trainable-shaped tree outside the sketch's support.
+
+    ``lora_a`` (d_in, r) keeps the columns, ``lora_b`` (r, d_out) the rows of the kept components;
+    other trainable leaves (heads) are kept whole. Used on optimizer updates so that weight decay or
+    momentum never moves a component the client did not hold.
+    """
+    masks = {path[:-1]: var[...] > 0 for path, var in sketch.flat_state()}
+
+    def restrict(key_path, value):
+        *layer, kind = _names(key_path)
+        if kind == "lora_a":
+            return jnp.where(masks[tuple(layer)][None, :], value, 0)
+        if kind == "lora_b":
+            return jnp.where(masks[tuple(layer)][:, None], value, 0)
+        return value
+
+    return jax.tree_util.tree_map_with_path(restrict, tree)
+
+
+def adapter_sizes(trainable: nnx.State) -> tuple[int, int]:
+    """(LoRA parameters, fully trained head parameters) of a trainable state."""
+    lora = head = 0
+    for path, var in trainable.flat_state():
+        if path[-1] in ("lora_a", "lora_b"):
+            lora += var[...].size
+        else:
+            head += var[...].size
+    return lora, head
+
+
+def upload_params(k: jax.Array, rank: int, lora_params: int, head_params: int) -> jax.Array:
+    """Parameters a client uploads: ``k/r`` of the adapter plus its heads (the seed is negligible)."""
+    return k / rank * lora_params + head_params
