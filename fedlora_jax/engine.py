@@ -175,7 +175,7 @@ class FederatedEngine:
 
     def init(self, seed: int | None = None) -> ServerState:
         seed = self.cfg.seed if seed is None else seed
-        trainable = self.parts.trainable
+        trainable = jax.tree.map(jnp.copy, self.parts.trainable)  # the state's buffers are donated
         return ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
                            round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
                            clock=jnp.zeros((), jnp.float32))

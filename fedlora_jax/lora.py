@@ -140,7 +140,9 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
                                                dropout=cfg.dropout, rngs=rngs))
     saved = 0
     for path, module in list(nnx.iter_modules(model)):
-        if path and any(matches(t, path_str(path)) for t in cfg.modules_to_save):
+        # As PEFT's ModulesToSaveWrapper: a matched module is trained whole, submodules included.
+        if any(matches(t, path_str(path[:i])) for t in cfg.modules_to_save
+               for i in range(1, len(path) + 1)):
             for attr, var in list(vars(module).items()):
                 if type(var) is nnx.Param:
                     setattr(module, attr, HeadParam(var[...]))

@@ -45,7 +45,7 @@ def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
     other trainable leaves (heads) are kept whole. Used on optimizer updates so that weight decay or
     momentum never moves a component the client did not hold.
     """
-    masks = {path[:-1]: var[...] > 0 for path, var in sketch.flat_state()}
+    masks = {path[:-1]: var[...] > 0 for path, var in nnx.to_flat_state(sketch)}
 
     def restrict(key_path, value):
         *layer, kind = _names(key_path)
@@ -61,7 +61,7 @@ def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
 def adapter_sizes(trainable: nnx.State) -> tuple[int, int]:
     """(LoRA parameters, fully trained head parameters) of a trainable state."""
     lora = head = 0
-    for path, var in trainable.flat_state():
+    for path, var in nnx.to_flat_state(trainable):
         if path[-1] in ("lora_a", "lora_b"):
             lora += var[...].size
         else:

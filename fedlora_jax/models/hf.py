@@ -1,0 +1,214 @@
+"""Loads a local Hugging Face model directory (config.json, safetensors, tokenizer) into NNX models.
+
+The NNX module trees mirror ``transformers``' module names, so each parameter's Hugging Face tensor
+name follows from its NNX path by a few regex rules (:data:`RULES`), each with the transform that
+turns the torch tensor into ours (``nn.Linear`` stores ``(d_out, d_in)``, ``nnx.Linear`` the
+transpose). Loading walks the parameters of an abstract model (``nnx.eval_shape``), so every one is
+accounted for: found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an
+error. The same naming serves :mod:`fedlora_jax.models.peft_io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import transformers
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from fedlora_jax.models.bert import BertConfig, BertForSequenceClassification, RobertaForSequenceClassification
+from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+# NNX leaf -> (HF leaf, torch -> NNX transform); nnx.Linear kernels are torch weights transposed.
+RULES: tuple[tuple[re.Pattern, str, Callable[[jax.Array], jax.Array]], ...] = (
+    (re.compile(r"(.*)\.kernel"), r"\1.weight", lambda w: w.T),
+    (re.compile(r"(.*)\.(?:embedding|scale)"), r"\1.weight", lambda w: w),
+    (re.compile(r"(.*)\.bias"), r"\1.bias", lambda w: w),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How to build our model for one ``model_type``: its config and a model class per task."""
+
+    config: Callable[..., Any]
+    models: Mapping[str, type[nnx.Module]]
+
+
+_ENCODER = dict(config=BertConfig.from_hf)
+_DECODER = Architecture(config=LlamaConfig.from_hf, models={"causal_lm": LlamaForCausalLM})
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": Architecture(**_ENCODER, models={"classification": BertForSequenceClassification}),
+    "roberta": Architecture(**_ENCODER, models={"classification": RobertaForSequenceClassification}),
+    "xlm-roberta": Architecture(**_ENCODER, models={"classification": RobertaForSequenceClassification}),
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadInfo:
+    """What :func:`load_pretrained` did: ``initialized`` lists HF tensor names that were missing
+    from the checkpoint and randomly initialised (heads only); ``unexpected`` the unused tensors."""
+
+    model_type: str
+    task: str
+    config: Any
+    hf_config: transformers.PretrainedConfig
+    files: tuple[str, ...]
+    initialized: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+def hf_name(path: Sequence) -> tuple[str, Callable[[jax.Array], jax.Array]]:
+    """HF tensor name of the NNX parameter at ``path`` and the transform torch -> NNX."""
+    dotted = ".".join(str(p) for p in path)
+    for pattern, repl, transform in RULES:
+        if pattern.fullmatch(dotted):
+            return pattern.sub(repl, dotted), transform
+    raise ValueError(f"No Hugging Face name rule for parameter {dotted!r}.")
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single-file or sharded checkpoint."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.exists():
+        other = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        hint = (f" Found {other}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
+                if other else "")
+        raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {directory}.{hint}")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(file: Path):
+    if not file.exists():
+        raise FileNotFoundError(f"Checkpoint shard {file} listed in the index is missing; "
+                                "re-download or re-save the model.")
+    try:
+        return safe_open(str(file), framework="flax")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"Cannot read {file} as safetensors ({e}); the file is corrupt or truncated: "
+                         "re-download it or re-save the model with save_pretrained.") from e
+
+
+class _Checkpoint:
+    """Lazy reader over the safetensors files of a directory."""
+
+    def __init__(self, directory: Path):
+        self.location = _weight_files(directory)
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def __getitem__(self, name: str) -> jax.Array:
+        file = self.location[name]
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"Cannot read tensor {name!r} from {file} ({e}); the file is corrupt: "
+                             "re-download it or re-save the model with save_pretrained.") from e
+
+
+def _read_model_type(directory: Path) -> str:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Model directory {directory} does not exist; pass a local Hugging Face "
+                                "model directory (config.json + *.safetensors + tokenizer files).")
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"No config.json in {directory}; save the model with "
+                                "`model.save_pretrained(dir)` or copy its config.json there.")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}).") from e
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"Unsupported model_type {model_type!r} in {config_file}; "
+                         f"supported: {sorted(ARCHITECTURES)}.")
+    return model_type
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def _init_missing(shape: tuple[int, ...], leaf: str, std: float, key: jax.Array) -> jax.Array:
+    """HF's ``_init_weights`` for a fresh head: N(0, initializer_range) weights, zero bias, unit scale."""
+    if leaf == "bias":
+        return jnp.zeros(shape)
+    if leaf == "scale":
+        return jnp.ones(shape)
+    return std * jax.random.normal(key, shape)
+
+
+def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: int | None = None,
+                    dtype: jnp.dtype = jnp.float32, seed: int = 0):
+    """Loads a local HF model directory -> ``(model, tokenizer, info)``.
+
+    ``task`` picks the head (``classification`` for encoders, ``causal_lm`` for decoders; defaults to
+    the family's only one); ``num_labels`` overrides the config's. Weights are cast to ``dtype``.
+    Checkpoints of the bare backbone (``encoder.layer...``) and of the task model
+    (``bert.encoder.layer...``) both load; missing head tensors are initialised with ``seed``. The
+    tokenizer is ``None`` when the directory has no tokenizer files.
+    """
+    directory = Path(path)
+    model_type = _read_model_type(directory)
+    arch = ARCHITECTURES[model_type]
+    task = task or next(iter(arch.models))
+    if task not in arch.models:
+        raise ValueError(f"Task {task!r} is not available for model_type {model_type!r}; "
+                         f"available: {sorted(arch.models)}.")
+    hf_config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    config = arch.config(hf_config, num_labels=num_labels)
+    model_cls = arch.models[task]
+    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+
+    ckpt = _Checkpoint(directory)
+    base = model_cls.BASE + "."
+    prefixed = any(name.startswith(base) for name in ckpt.location)
+    std = getattr(hf_config, "initializer_range", 0.02)
+    key = jax.random.key(seed)
+    used, initialized, leaves = set(), [], []
+    for path, var in nnx.to_flat_state(state):
+        name, transform = hf_name(path)
+        stored = name if prefixed or not name.startswith(base) else name[len(base):]
+        if stored in ckpt:
+            value = transform(ckpt[stored])
+            used.add(stored)
+            if value.shape != var.shape:
+                raise ValueError(f"Tensor {stored!r} has shape {value.shape} after conversion, expected "
+                                 f"{var.shape} from {directory / 'config.json'}; the config and weights "
+                                 "do not belong together.")
+        elif any(name.startswith(head + ".") for head in model_cls.HEADS):
+            key, sub = jax.random.split(key)
+            value = _init_missing(var.shape, path[-1], std, sub)
+            initialized.append(name)
+        else:
+            raise ValueError(f"Tensor {stored!r} is missing from the checkpoint in {directory}; it is "
+                             f"not a {model_type} {task} checkpoint or the files are incomplete.")
+        leaves.append((path, var.replace(jnp.asarray(value, dtype))))
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+    has_tokenizer = any((directory / f).exists() for f in _TOKENIZER_FILES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    info = LoadInfo(model_type=model_type, task=task, config=config, hf_config=hf_config,
+                    files=tuple(sorted({str(f) for f in ckpt.location.values()})),
+                    initialized=tuple(initialized),
+                    unexpected=tuple(sorted(set(ckpt.location) - used)))
+    return model, tokenizer, info

@@ -1,0 +1,544 @@
+"""Wall-clock model of heterogeneous wireless clients (paper.md section 4).
+
+A round's participant ``n`` computes for ``t_cmp_n`` seconds, then uploads ``s_n`` bits over
+``b_n`` Hz of the system bandwidth at the Shannon rate ``R_n(b) = b log2(1 + c_n / b)``, where
+``c_n = p_n h_n / N0`` (Hz) is the client's SNR-bandwidth product. The rate saturates at
+``c_n / ln 2``, so each client has a floor ``T_min_n = t_cmp_n + s_n ln2 / c_n`` that no bandwidth
+beats.
+
+Every modelling choice is one named function a user can swap:
+
+* :func:`path_gain` -- channel gain from distance and fading (3GPP-style path loss);
+* :func:`compute_time` -- local work over compute speed (FLOPs from :class:`WorkloadModel`);
+* :func:`payload_bits` -- the sketched adapter upload;
+* :func:`upload_excess` / :func:`bandwidth_for_slack` -- the rate law and its inverse.
+
+Numerics. Near the floor, the textbook inverse of the upload time loses all its digits. We write
+the rate law with ``u = c / b`` (the SNR) and ``h(u) = 1 - log1p(u) / u`` (``h`` in (0, 1)): the
+upload time is ``D_min / (1 - h(u))``, so the time above the floor is ``D_min h / (1 - h)`` and the
+inverse solves ``logit h(u) = log(slack) - log(D_min)`` for ``log u`` by Newton's method. Both sides
+are computed in well-conditioned forms, so ``slack = T - T_min`` (always passed directly, never
+recovered from ``T``) keeps its relative accuracy in float32 and float64 alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- configs and data
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """The cell and its clients' hardware (defaults from paper.md section 4).
+
+    Attributes:
+      bandwidth_hz: total uplink bandwidth ``Bw`` shared by a round's participants.
+      noise_dbm_per_hz: noise power spectral density ``N0``.
+      power_w: (low, high) of the uniform transmit-power range.
+      cell_radius_m: clients are uniform in a disc of this radius around the base station ...
+      min_distance_m: ... but no closer than this.
+      rayleigh_fading: multiply the path gain by an Exp(1) fading power.
+      flops_median: median compute speed (FLOP/s) of the log-normal speed law.
+      flops_log_sigma: standard deviation of log compute speed.
+    """
+
+    bandwidth_hz: float = 10e6
+    noise_dbm_per_hz: float = -174.0
+    power_w: tuple[float, float] = (0.1, 0.2)
+    cell_radius_m: float = 500.0
+    min_distance_m: float = 10.0
+    rayleigh_fading: bool = True
+    flops_median: float = 1e12
+    flops_log_sigma: float = 0.5
+
+    def __post_init__(self):
+        _require(self.bandwidth_hz > 0, "bandwidth_hz", self.bandwidth_hz,
+                 "give the total bandwidth in Hz, e.g. 10e6 (10 MHz)")
+        lo, hi = self.power_w
+        _require(0 < lo <= hi, "power_w", self.power_w, "give (low, high) watts with 0 < low <= high")
+        _require(0 < self.min_distance_m < self.cell_radius_m, "min_distance_m / cell_radius_m",
+                 (self.min_distance_m, self.cell_radius_m), "need 0 < min_distance_m < cell_radius_m")
+        _require(self.flops_median > 0, "flops_median", self.flops_median, "give FLOP/s > 0")
+        _require(self.flops_log_sigma >= 0, "flops_log_sigma", self.flops_log_sigma, "give a value >= 0")
+        _require(math.isfinite(self.noise_dbm_per_hz), "noise_dbm_per_hz", self.noise_dbm_per_hz,
+                 "give a finite dBm/Hz, e.g. -174")
+
+    @property
+    def noise_w_per_hz(self) -> float:
+        return 10.0 ** ((self.noise_dbm_per_hz - 30.0) / 10.0)
+
+
+@struct.dataclass
+class SystemProfile:
+    """Per-client system arrays, all (N,): compute speed (FLOP/s), transmit power (W), channel gain."""
+
+    flops_per_s: jax.Array
+    power_w: jax.Array
+    gain: jax.Array
+
+    @property
+    def num_clients(self) -> int:
+        return self.flops_per_s.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadModel:
+    """Per-client work of one round at full LoRA rank; sketched parts scale with ``rho = k / r``.
+
+    Attributes:
+      base_flops_per_step: frozen-base FLOPs of one local step (forward + activation backward).
+      lora_flops_per_step_full_rank: LoRA FLOPs of one local step at rank ``r``.
+      payload_bits_full_rank: bits of the full-rank adapter upload.
+      local_steps: local steps ``H`` per round.
+    """
+
+    base_flops_per_step: float
+    lora_flops_per_step_full_rank: float
+    payload_bits_full_rank: float
+    local_steps: int = 1
+
+    def __post_init__(self):
+        for name in ("base_flops_per_step", "lora_flops_per_step_full_rank", "payload_bits_full_rank"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "give a count >= 0")
+        _require(self.payload_bits_full_rank > 0, "payload_bits_full_rank", self.payload_bits_full_rank,
+                 "the adapter upload must be > 0 bits")
+        _require(self.local_steps >= 1, "local_steps", self.local_steps, "give at least one local step")
+
+
+def workload_from_counts(base_params: float, lora_params_full_rank: float, tokens_per_step: float,
+                         local_steps: int, bits: int = 32) -> WorkloadModel:
+    """Workload from parameter counts with the ``2 * params`` FLOPs-per-token forward rule.
+
+    The frozen base runs forward and back-propagates activations only (~``4 P`` per token); the LoRA
+    part also forms weight gradients (~``6 P_lora`` per token), and scales with ``rho``.
+    """
+    return WorkloadModel(base_flops_per_step=4.0 * base_params * tokens_per_step,
+                         lora_flops_per_step_full_rank=6.0 * lora_params_full_rank * tokens_per_step,
+                         payload_bits_full_rank=float(bits) * lora_params_full_rank,
+                         local_steps=local_steps)
+
+
+@struct.dataclass
+class ClientTimes:
+    """What the time model needs per client, (N,) each, at given sketch ratios.
+
+    ``compute``: t_cmp (s); ``bits``: upload size; ``snr_bw``: ``c = p h / N0`` (Hz).
+    """
+
+    compute: jax.Array
+    bits: jax.Array
+    snr_bw: jax.Array
+
+    @property
+    def upload_floor(self) -> jax.Array:
+        """``D_min = s ln2 / c``: the upload time with unlimited bandwidth."""
+        return self.bits * LN2 / self.snr_bw
+
+    @property
+    def floor(self) -> jax.Array:
+        """``T_min = t_cmp + D_min``: no bandwidth finishes the client earlier."""
+        return self.compute + self.upload_floor
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(ok, field: str, value, fix: str) -> None:
+    if not bool(np.all(ok)):
+        raise ValueError(f"{field} = {value!r} is invalid: {fix}.")
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def validate_profile(profile: SystemProfile) -> None:
+    """Raise ValueError naming the field if any per-client value is non-finite or non-positive."""
+    if not _is_concrete(profile):
+        return
+    n = profile.num_clients
+    for name in ("flops_per_s", "power_w", "gain"):
+        x = np.asarray(getattr(profile, name))
+        _require(x.shape == (n,), f"SystemProfile.{name}.shape", x.shape, f"give one value per client ({n})")
+        bad = ~np.isfinite(x)
+        _require(~bad, f"SystemProfile.{name}", f"NaN/inf at clients {np.flatnonzero(bad)[:5].tolist()}",
+                 "fill in or drop the missing clients")
+        _require(x > 0, f"SystemProfile.{name}", f"non-positive at clients {np.flatnonzero(x <= 0)[:5].tolist()}",
+                 "every client needs a value > 0")
+
+
+def _validate_rho(rho) -> None:
+    if _is_concrete(rho):
+        r = np.asarray(rho)
+        _require(np.isfinite(r) & (r > 0) & (r <= 1), "rho", f"range [{r.min()}, {r.max()}]",
+                 "sketch ratios must lie in (0, 1]")
+
+
+# ----------------------------------------------------------------------------- profiles
+
+def path_gain(distance_m: jax.Array, fading: jax.Array) -> jax.Array:
+    """Channel power gain: path loss ``128.1 + 37.6 log10(d_km)`` dB times the fading power."""
+    loss_db = 128.1 + 37.6 * jnp.log10(distance_m / 1000.0)
+    return 10.0 ** (-loss_db / 10.0) * fading
+
+
+def generate_profile(key: jax.Array, num_clients: int, cfg: SystemConfig) -> SystemProfile:
+    """Random clients: log-normal speeds, uniform powers, uniform positions in the cell, Rayleigh."""
+    k_speed, k_power, k_dist, k_fade = jax.random.split(key, 4)
+    speed = cfg.flops_median * jnp.exp(cfg.flops_log_sigma * jax.random.normal(k_speed, (num_clients,)))
+    power = jax.random.uniform(k_power, (num_clients,), minval=cfg.power_w[0], maxval=cfg.power_w[1])
+    # Uniform in the annulus: the radius has density proportional to d.
+    u = jax.random.uniform(k_dist, (num_clients,))
+    dist = jnp.sqrt(cfg.min_distance_m ** 2 + u * (cfg.cell_radius_m ** 2 - cfg.min_distance_m ** 2))
+    fading = jax.random.exponential(k_fade, (num_clients,)) if cfg.rayleigh_fading else jnp.ones(num_clients)
+    return SystemProfile(flops_per_s=speed, power_w=power, gain=path_gain(dist, fading))
+
+
+_TRACE_ALIASES = {"flops_per_s": ("flops_per_s", "compute_speed"),
+                  "rate_bps": ("rate_bps", "bandwidth_bps"),
+                  "rate_kbps": ("rate_kbps", "bandwidth_kbps", "communication")}
+
+
+def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, list):  # a list of per-client records
+            data = {k: [row.get(k, float("nan")) for row in data] for k in data[0]} if data else {}
+        elif isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+            rows = list(data.values())  # FedScale-style {client_id: {...}}
+            data = {k: [row.get(k, float("nan")) for row in rows] for k in rows[0]} if rows else {}
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        data = {k: [row[k] if row[k] not in ("", None) else "nan" for row in rows] for k in rows[0]} if rows else {}
+    else:
+        raise ValueError(f"trace file {path} has suffix {path.suffix!r}: use .csv or .json")
+    return {k: np.asarray(v, dtype=np.float64) for k, v in data.items() if k is not None}
+
+
+def load_trace(path: str | Path, num_clients: int | None = None, *, noise_dbm_per_hz: float = -174.0,
+               reference_bandwidth_hz: float = 1e6, power_w: float = 0.2) -> SystemProfile:
+    """Load measured per-client traces (CSV or JSON: records, columns, or ``{client: record}``).
+
+    Columns: ``flops_per_s`` (or ``compute_speed``) and either ``power_w`` + ``gain``, or a measured
+    link rate ``rate_bps`` / ``rate_kbps`` (FedScale's ``communication`` is kbps). A measured rate
+    ``R`` is taken to hold over ``reference_bandwidth_hz`` ``b0``, and converted to the gain that gives
+    it at ``power_w``: ``h = N0 b0 (2^(R/b0) - 1) / p``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file {path} does not exist")
+    cols = _read_columns(path)
+
+    def column(name: str) -> np.ndarray | None:
+        return next((cols[a] for a in _TRACE_ALIASES.get(name, (name,)) if a in cols), None)
+
+    speed = column("flops_per_s")
+    _require(speed is not None, "flops_per_s", sorted(cols), "add a flops_per_s (or compute_speed) column")
+    n = len(speed)
+    if num_clients is not None:
+        _require(n == num_clients, "num_clients", num_clients,
+                 f"the trace {path.name} has {n} clients: pass num_clients={n} or a trace with {num_clients}")
+    for name, x in cols.items():
+        bad = np.flatnonzero(~np.isfinite(x))
+        _require(bad.size == 0, f"trace column {name}", f"NaN at rows {bad[:5].tolist()}",
+                 "fill in or drop those clients")
+    if "power_w" in cols and "gain" in cols:
+        power, gain = cols["power_w"], cols["gain"]
+    else:
+        rate = column("rate_bps")
+        if rate is None and (kbps := column("rate_kbps")) is not None:
+            rate = 1e3 * kbps
+        _require(rate is not None, "rate_bps", sorted(cols),
+                 "add power_w and gain columns, or a measured link rate (rate_bps / rate_kbps)")
+        _require(rate > 0, "rate_bps", f"min {rate.min()}", "measured rates must be > 0")
+        noise = 10.0 ** ((noise_dbm_per_hz - 30.0) / 10.0)
+        b0 = reference_bandwidth_hz
+        power = np.full(n, power_w)
+        gain = noise * b0 * np.expm1(rate / b0 * LN2) / power_w
+    profile = SystemProfile(flops_per_s=jnp.asarray(speed, jnp.float32), power_w=jnp.asarray(power, jnp.float32),
+                            gain=jnp.asarray(gain, jnp.float32))
+    validate_profile(SystemProfile(flops_per_s=speed, power_w=power, gain=gain))
+    return profile
+
+
+# ----------------------------------------------------------------------------- per-client times
+
+def compute_time(flops_per_s: jax.Array, workload: WorkloadModel, rho: jax.Array) -> jax.Array:
+    """Local training time: ``H (F_base + rho F_lora) / f`` (only the kept rank part is trained)."""
+    flops = workload.local_steps * (workload.base_flops_per_step + rho * workload.lora_flops_per_step_full_rank)
+    return flops / flops_per_s
+
+
+def payload_bits(workload: WorkloadModel, rho: jax.Array) -> jax.Array:
+    """Upload size: the kept ``rho`` share of the adapter (the sketch seed is negligible)."""
+    return rho * workload.payload_bits_full_rank
+
+
+def client_times(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel,
+                 rho: jax.Array) -> ClientTimes:
+    """Per-client compute time, upload bits and SNR-bandwidth at sketch ratios ``rho`` (N,)."""
+    rho = jnp.broadcast_to(rho, profile.flops_per_s.shape).astype(profile.flops_per_s.dtype)
+    return ClientTimes(compute=compute_time(profile.flops_per_s, workload, rho),
+                       bits=payload_bits(workload, rho),
+                       snr_bw=profile.power_w * profile.gain / sys.noise_w_per_hz)
+
+
+# The rate law in the SNR u = c / b. h(u) = 1 - log1p(u)/u; upload time = D_min / (1 - h).
+_SERIES_BELOW = 0.05  # below, h(u)/u = sum_k (-u)^k / (k + 2), 12 terms: error < 1e-16 relative
+
+
+def _h_over_u_series(u: jax.Array) -> jax.Array:
+    acc = jnp.zeros_like(u)
+    for k in reversed(range(12)):
+        acc = acc * (-u) + 1.0 / (k + 2)
+    return acc
+
+
+def _log_h_terms(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log h, log(1 - h))`` at ``u = exp(w)``, both without cancellation."""
+    u = jnp.exp(w)
+    small = u < _SERIES_BELOW
+    us, ul, wl = jnp.where(small, u, 0.0), jnp.where(small, 1.0, u), jnp.where(small, 0.0, w)
+    poly = _h_over_u_series(us)
+    ratio = jnp.log1p(ul) / ul  # = 1 - h for large u
+    log_h = jnp.where(small, w + jnp.log(poly), jnp.log1p(-ratio))
+    log_1mh = jnp.where(small, jnp.log1p(-us * poly), jnp.log(jnp.log1p(ul)) - wl)
+    return log_h, log_1mh
+
+
+def _logit_h(w: jax.Array) -> jax.Array:
+    log_h, log_1mh = _log_h_terms(w)
+    return log_h - log_1mh
+
+
+@jax.custom_jvp
+def _log_snr_from_logit(t: jax.Array) -> jax.Array:
+    """Solve ``logit h(exp(w)) = t`` for ``w``: Newton from the two asymptotes (3 steps: < 1e-13)."""
+    w = t + jnp.log(2.0 + jnp.maximum(t, 0.0))  # small u: h ~ u/2; large u: logit h ~ w - log w
+    for _ in range(3):
+        f, df = jax.jvp(_logit_h, (w,), (jnp.ones_like(w),))
+        w = w - (f - t) / df
+    return w
+
+
+@_log_snr_from_logit.defjvp
+def _log_snr_from_logit_jvp(primals, tangents):
+    (t,), (t_dot,) = primals, tangents
+    w = _log_snr_from_logit(t)
+    _, dphi = jax.jvp(_logit_h, (w,), (jnp.ones_like(w),))
+    return w, t_dot / dphi  # implicit function theorem
+
+
+def upload_excess(times: ClientTimes, bandwidth: jax.Array) -> jax.Array:
+    """Upload time above the floor, ``s / R(b) - D_min``, at bandwidth ``b > 0`` (exact form)."""
+    log_h, log_1mh = _log_h_terms(jnp.log(times.snr_bw) - jnp.log(bandwidth))
+    return times.upload_floor * jnp.exp(log_h - log_1mh)
+
+
+def upload_time(times: ClientTimes, bandwidth: jax.Array) -> jax.Array:
+    """Shannon upload time ``s / (b log2(1 + c/b))``."""
+    return times.upload_floor + upload_excess(times, bandwidth)
+
+
+def bandwidth_for_slack(times: ClientTimes, slack: jax.Array) -> jax.Array:
+    """Bandwidth with which the client finishes ``slack = T - T_min > 0`` seconds above its floor.
+
+    The inverse of :func:`upload_excess`; ``+inf`` where ``slack <= 0``.
+    """
+    positive = slack > 0
+    safe = jnp.where(positive, slack, 1.0)
+    w = _log_snr_from_logit(jnp.log(safe) - jnp.log(times.upload_floor))
+    return jnp.where(positive, times.snr_bw * jnp.exp(-w), jnp.inf)
+
+
+# ----------------------------------------------------------------------------- bandwidth allocation
+
+def _bisect_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
+                       iters: int) -> jax.Array:
+    """Root of a decreasing scalar ``fn`` on ``[lo, hi]`` (``fn(lo) >= 0 >= fn(hi)``)."""
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = fn(mid) > 0
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+def _implicit_root(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Attach implicit-function-theorem gradients to a root ``x`` of ``fn`` found without them.
+
+    One Newton step with a stopped derivative: the value is (at least) as accurate as ``x``, and
+    ``dx/dtheta = -(dfn/dtheta) / (dfn/dx)`` for whatever ``fn`` closes over.
+    """
+    x = jax.lax.stop_gradient(x)
+    f, df = jax.jvp(fn, (x,), (jnp.ones_like(x),))
+    step = f / jax.lax.stop_gradient(df)
+    return x - jnp.where(jnp.isfinite(step), step, 0.0)
+
+
+def _bottleneck(times: ClientTimes, mask: jax.Array) -> jax.Array:
+    return jnp.argmax(jnp.where(mask, times.floor, -jnp.inf))
+
+
+def adaptive_round_time(times: ClientTimes, mask: jax.Array, bandwidth_hz: float | jax.Array,
+                        iters: int = 60) -> jax.Array:
+    """Minimal round time of the participants ``mask``: all finish together, ``sum b_n = Bw``.
+
+    Bisection on ``log(T - max T_min)`` between the slack at which the bottleneck client alone needs
+    the whole band and the equal-split time; each client's slack is ``delta + (max T_min - T_min_n)``,
+    so no digit is lost near the floor. Differentiable (implicit function theorem). 0 if empty.
+    """
+    any_ = mask.any()
+    star = _bottleneck(times, mask)
+    top = jnp.where(any_, times.floor[star], 0.0)
+    gap = jnp.where(mask, top - times.floor, 0.0)
+    count = jnp.maximum(mask.sum(), 1)
+    bw = jnp.asarray(bandwidth_hz, times.compute.dtype)
+    star_times = jax.tree.map(lambda x: x[star], times)
+    lo = jnp.log(upload_excess(star_times, bw))
+    hi = jnp.log(jnp.max(jnp.where(mask, upload_excess(times, bw / count) - gap, -jnp.inf)))
+    hi = jnp.where(any_, jnp.maximum(hi, lo), lo)
+
+    def excess_demand(log_delta):
+        demand = jnp.where(mask, bandwidth_for_slack(times, jnp.exp(log_delta) + gap), 0.0).sum()
+        return jnp.log(demand) - jnp.log(bw)
+
+    log_delta = _implicit_root(excess_demand, _bisect_decreasing(excess_demand, lo, hi, iters))
+    return jnp.where(any_, top + jnp.exp(log_delta), 0.0)
+
+
+def allocate_bandwidth(times: ClientTimes, mask: jax.Array, bandwidth_hz: float | jax.Array,
+                       iters: int = 60) -> tuple[jax.Array, jax.Array]:
+    """``(T, b)``: the adaptive round time and each client's bandwidth (0 off the mask)."""
+    t = adaptive_round_time(times, mask, bandwidth_hz, iters)
+    slack = t - times.floor
+    b = jnp.where(mask, bandwidth_for_slack(times, slack), 0.0)
+    return t, b * (bandwidth_hz / jnp.maximum(b.sum(), jnp.finfo(b.dtype).tiny))  # exact budget
+
+
+def equal_round_time(times: ClientTimes, mask: jax.Array, bandwidth_hz: float | jax.Array) -> jax.Array:
+    """Round time with the band split equally among the participants (the baseline). 0 if empty."""
+    share = bandwidth_hz / jnp.maximum(mask.sum(), 1)
+    return jnp.max(jnp.where(mask, times.compute + upload_time(times, share), 0.0))
+
+
+def round_time(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel, participants_mask: jax.Array,
+               rho: jax.Array, adaptive: bool = True) -> dict[str, jax.Array]:
+    """Wall-clock time of one round with these participants: ``total`` and the bottleneck's parts.
+
+    ``compute`` and ``upload`` are those of the client that limits the round (largest floor with
+    adaptive allocation, where everyone finishes together; latest finisher with the equal split).
+    Jittable with ``adaptive`` static; an empty mask gives zeros.
+    """
+    chex.assert_shape(participants_mask, (profile.num_clients,))
+    _validate_rho(rho)
+    times = client_times(profile, sys, workload, rho)
+    mask = participants_mask.astype(bool)
+    if adaptive:
+        total = adaptive_round_time(times, mask, sys.bandwidth_hz)
+        star = _bottleneck(times, mask)
+    else:
+        total = equal_round_time(times, mask, sys.bandwidth_hz)
+        share = sys.bandwidth_hz / jnp.maximum(mask.sum(), 1)
+        star = jnp.argmax(jnp.where(mask, times.compute + upload_time(times, share), -jnp.inf))
+    compute = jnp.where(mask.any(), times.compute[star], 0.0)
+    return {"total": total, "compute": compute, "upload": total - compute}
+
+
+# ----------------------------------------------------------------------------- expected round time
+
+def sample_masks(key: jax.Array, q: jax.Array, num_draws: int) -> jax.Array:
+    """Independent Bernoulli(q_n) participation masks, (num_draws, N)."""
+    return jax.random.uniform(key, (num_draws,) + q.shape) < q
+
+
+def expected_round_time_mc(key: jax.Array, times: ClientTimes, q: jax.Array, bandwidth_hz: float,
+                           num_draws: int = 1000, adaptive: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Monte Carlo ``(mean, standard error)`` of the round time under independent sampling."""
+    masks = sample_masks(key, q, num_draws)
+    one = (lambda m: adaptive_round_time(times, m, bandwidth_hz)) if adaptive else (
+        lambda m: equal_round_time(times, m, bandwidth_hz))
+    t = jax.lax.map(one, masks, batch_size=min(num_draws, 256))  # vmapped in batches: bounded memory
+    return t.mean(), t.std() / jnp.sqrt(num_draws)
+
+
+def expected_max_exact(t: jax.Array, q: jax.Array) -> jax.Array:
+    """Exact ``E[max_{n in P} t_n]`` (0 for the empty set) when times do not depend on the set.
+
+    ``P(max <= tau) = prod_n (1 - q_n 1[t_n > tau])``: in decreasing order of ``t``, client ``i`` is
+    the maximum with probability ``q_i prod_{j before i} (1 - q_j)``.
+    """
+    order = jnp.argsort(-t)
+    t, q = t[order], q[order]
+    survive = jnp.cumprod(jnp.concatenate([jnp.ones(1, q.dtype), 1.0 - q[:-1]]))
+    return jnp.sum(t * q * survive)
+
+
+def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
+                               iters: int = 60) -> jax.Array:
+    """The naive surrogate: ``T`` with expected demand ``sum_n q_n b_n(T) = Bw``.
+
+    Flawed (paper.md section 4): never below the largest floor however small that client's ``q``.
+    Kept as the reference the closed form of :mod:`fedlora_jax.solver` is derived for.
+    """
+    # A client with bits and SNR-bandwidth both scaled by q has the same floor and needs q b_n(T).
+    scaled = ClientTimes(compute=times.compute, bits=times.bits * q, snr_bw=times.snr_bw * q)
+    return adaptive_round_time(scaled, jnp.ones(q.shape, bool), bandwidth_hz, iters)
+
+
+def _normal_cdf(z: jax.Array) -> jax.Array:
+    return 0.5 * jax.scipy.special.erfc(-z / jnp.sqrt(2.0))
+
+
+def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array) -> jax.Array:
+    """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
+
+    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``; clients whose floor is at or above ``tau``
+    must be absent (the product), the others' Bernoulli demands are summed as a normal law with
+    mean ``sum q b`` and variance ``sum q (1 - q) b^2``. Demands are capped at ``1e6 Bw`` (the limit
+    of the law as a demand grows is finite, and the cap keeps float32 from overflowing).
+    """
+    slack = tau - times.floor
+    feasible = slack > 0
+    b = jnp.where(feasible, jnp.minimum(bandwidth_for_slack(times, slack) / bandwidth_hz, 1e6), 0.0)
+    absent = jnp.prod(jnp.where(feasible, 1.0, 1.0 - q))
+    mean = jnp.sum(q * b)
+    var = jnp.sum(q * (1.0 - q) * b * b)
+    z = (1.0 - mean) / jnp.sqrt(var + 1e-12)
+    return absent * _normal_cdf(z)
+
+
+def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, num_points: int = 64,
+                               tail: float = 1e-4, iters: int = 60) -> jax.Array:
+    """``E[T] = int_0^inf (1 - P(T <= tau)) dtau`` with the normal-approximation CDF ``F``.
+
+    Exact facts bound the support: below the smallest floor only the empty round (probability
+    ``P0 = prod (1 - q)``) has finished, and every round has by the full set's time. Bisection then
+    narrows it to where ``F`` rises from ``P0 + tail`` to ``1 - tail`` (at fixed nodes, no gradient:
+    the integrand is flat outside), and the trapezoid rule on ``num_points`` nodes integrates between.
+    Smooth in ``q`` and ``rho``; exact as ``q -> 1``.
+    """
+    cdf = lambda tau: round_time_cdf_normal(times, q, bandwidth_hz, tau)
+    p0 = jnp.prod(1.0 - q)
+    lo = jnp.min(times.floor)
+    hi = adaptive_round_time(times, jnp.ones(q.shape, bool), bandwidth_hz, iters)
+    quantile = lambda level: jax.lax.stop_gradient(_bisect_decreasing(lambda t: level - cdf(t), lo, hi, iters))
+    a, b = quantile(p0 + tail), quantile(1.0 - tail)
+    x = jnp.linspace(0.0, 1.0, num_points, dtype=lo.dtype)
+    survival = 1.0 - jax.vmap(cdf)(a + (b - a) * x)
+    return (1.0 - p0) * a + (b - a) * jnp.sum(0.5 * (survival[1:] + survival[:-1]) * jnp.diff(x))

