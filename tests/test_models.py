@@ -17,14 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fedlora_jax.models.hf import load_pretrained  # noqa: E402
-
-TOL = 1e-4
-VOCAB, LENGTH = 96, 12
-
-ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=64, max_position_embeddings=64, num_labels=3)
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+from tests.hf_helpers import (DECODER, ENCODER, TOL, assert_close_on_valid, batch,  # noqa: E402
+                              save_torch, torch_logits)
 
 # (name, config class, torch model class, config kwargs)
 CASES = [
@@ -42,43 +36,12 @@ CASES = [
 ]
 
 
-def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two rows, the second right-padded; ids avoid the pad tokens 0 and 1."""
-    ids = np.random.default_rng(seed).integers(2, VOCAB, size=(2, LENGTH)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 7:] = 0
-    return ids, mask
-
-
-def save_torch(tmp_path, config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**kwargs)
-    model = getattr(transformers, model_cls)(config).eval()
-    model.save_pretrained(tmp_path)
-    return model
-
-
-def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
-    return out.logits.numpy()
-
-
-def assert_close_on_valid(ours, ref, mask):
-    """Compares all of (B, C) outputs, or the valid positions of (B, T, V) outputs."""
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape
-    if ours.ndim == 3:
-        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
-
-
 @pytest.mark.parametrize("name,config_cls,model_cls,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_logit_parity(tmp_path, name, config_cls, model_cls, kwargs):
     torch_model = save_torch(tmp_path, config_cls, model_cls, kwargs)
     model, tokenizer, info = load_pretrained(tmp_path)
     assert tokenizer is None and info.initialized == ()
-    ids, mask = _batch()
+    ids, mask = batch()
     logits = jax.jit(lambda i, m: model(i, m))(ids, mask)
     assert_close_on_valid(logits, torch_logits(torch_model, ids, mask), mask)
 
@@ -87,7 +50,7 @@ def test_bfloat16_load(tmp_path):
     save_torch(tmp_path, "LlamaConfig", "LlamaForCausalLM", DECODER)
     model, _, _ = load_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert model.model.layers[0].self_attn.q_proj.kernel.dtype == jnp.bfloat16
-    ids, mask = _batch()
+    ids, mask = batch()
     assert np.isfinite(np.asarray(model(ids, mask), np.float32)).all()
 
 
@@ -99,7 +62,7 @@ def test_backbone_checkpoint_gets_fresh_head(tmp_path):
     backbone.save_pretrained(tmp_path)
     model, _, info = load_pretrained(tmp_path, num_labels=5)
     assert set(info.initialized) == {"classifier.weight", "classifier.bias"}
-    ids, mask = _batch()
+    ids, mask = batch()
     hidden, pooled = model.encode(ids, mask)
     with torch.no_grad():
         ref = backbone(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
@@ -134,7 +97,7 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     model, _, info = load_pretrained(tmp_path)
     assert len(info.files) > 1
-    ids, mask = _batch()
+    ids, mask = batch()
     assert_close_on_valid(model(ids, mask), torch_logits(ref, ids, mask), mask)
 
 
@@ -179,3 +142,32 @@ def test_mismatched_shapes(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"intermediate\.dense\.bias' has shape \(64,\).*expected \(80,\)"):
         load_pretrained(tmp_path)
+
+
+def test_loaded_models_train_as_vmapped_clients(tmp_path):
+    """Base weights broadcast, adapters per client: the engine's ``train_clients`` runs on them."""
+    import chex
+    import optax
+    from flax import nnx
+
+    from fedlora_jax.client import split_model, train_clients
+    from fedlora_jax.lora import LoRAConfig, apply_lora
+    from fedlora_jax.tasks import get_loss
+
+    save_torch(tmp_path, "Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16})
+    model, _, info = load_pretrained(tmp_path)
+    apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj"), modules_to_save=()),
+               rngs=nnx.Rngs(0))
+    parts = split_model(model)
+    ids, mask = batch()
+    clients = 3
+    batches = {"input_ids": np.broadcast_to(ids, (clients, 1, *ids.shape)),
+               "attention_mask": np.broadcast_to(mask, (clients, 1, *mask.shape))}
+    sketches = jax.tree.map(lambda x: jnp.broadcast_to(x, (clients, *x.shape)), parts.sketch)
+    step = jax.jit(lambda base, trainable, s, b: train_clients(
+        parts.graphdef, base, trainable, s, b, loss_fn=get_loss(info.task),
+        optimizer=optax.sgd(0.1)))
+    delta, metrics = step(parts.base, parts.trainable, sketches, batches)
+    chex.assert_tree_shape_prefix(delta, (clients,))
+    chex.assert_tree_all_finite(delta)
+    assert max(float(jnp.abs(d).max()) for d in jax.tree.leaves(delta)) > 0  # B moves on step one

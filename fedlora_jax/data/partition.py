@@ -1,8 +1,8 @@
 """Partitioners: split example ids ``0..M-1`` among ``N`` clients, one id array per client.
 
-Every partitioner computes an owner per example (an array of client ids), then lifts any client
-below ``min_size`` by moving random examples away from the largest clients, so the skew a
-partitioner draws is perturbed as little as possible. All randomness comes from a numpy seed or
+Each partitioner computes an owner per example (an array of client ids). IID shards are equal up
+to one example; the skewed partitioners then lift any client below ``min_size`` by moving random
+examples away from the largest clients, so the skew they draw is perturbed as little as possible. All randomness comes from a numpy seed or
 ``np.random.Generator``; the same seed gives the same partition. Client weights ``a_n``
 (proportional to size) are computed by :meth:`ClientPool.from_partition`.
 """

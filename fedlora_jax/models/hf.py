@@ -42,12 +42,12 @@ class Architecture:
     models: Mapping[str, type[nnx.Module]]
 
 
-_ENCODER = dict(config=BertConfig.from_hf)
-_DECODER = Architecture(config=LlamaConfig.from_hf, models={"causal_lm": LlamaForCausalLM})
+_DECODER = Architecture(LlamaConfig.from_hf, {"causal_lm": LlamaForCausalLM})
+_ROBERTA = Architecture(BertConfig.from_hf, {"classification": RobertaForSequenceClassification})
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture(**_ENCODER, models={"classification": BertForSequenceClassification}),
-    "roberta": Architecture(**_ENCODER, models={"classification": RobertaForSequenceClassification}),
-    "xlm-roberta": Architecture(**_ENCODER, models={"classification": RobertaForSequenceClassification}),
+    "bert": Architecture(BertConfig.from_hf, {"classification": BertForSequenceClassification}),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,

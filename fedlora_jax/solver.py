@@ -1,0 +1,299 @@
+"""Joint sampling probabilities and sketch ratios (paper.md section 5).
+
+    min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[T](q, rho)
+
+with ``V`` from :mod:`fedlora_jax.theory` and ``E[T]`` a smooth surrogate from
+:mod:`fedlora_jax.wireless` (the normal-approximation one by default: the most faithful, see
+docs/method.md). The problem is non-convex and its optima sit on the bounds, so we run projected
+gradient descent on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
+with an Armijo backtracking step, from several starts -- the uniform and fixed-ratio baselines, full
+participation and random points -- all vmapped, jitted, and vmapped again over scenarios. ``rho`` is
+then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
+returned worse than the baselines it started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from fedlora_jax import theory, wireless
+
+SURROGATES = ("normal", "demand")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Bounds, baselines and numerics of the allocation solver.
+
+    Attributes:
+      q_min: smallest sampling probability, in (0, 1].
+      rank: global LoRA rank ``r``; ``rho`` ranges over ``[1/r, 1]`` and is rounded to ``k/r``.
+      baseline_q: the uniform-sampling baseline's probability (clipped to ``[q_min, 1]``).
+      baseline_rho: the fixed-ratio (FSLoRA) baseline's sketch ratio, on the grid ``k/r``.
+      restarts: random starts in addition to the three baselines.
+      max_iters: projected-gradient iterations per start (and again for the polish after rounding).
+      ftol: stop when an iteration lowers ``log J`` by less than this.
+      surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
+      quad_points: quadrature nodes of the normal surrogate.
+      bisect_iters: bisection steps of roots and quantiles (float32: 40 is at machine precision).
+      seed: PRNG seed of the random starts.
+    """
+
+    q_min: float = 0.05
+    rank: int = 8
+    baseline_q: float = 0.2
+    baseline_rho: float = 0.25
+    restarts: int = 2
+    max_iters: int = 100
+    ftol: float = 1e-6
+    surrogate: str = "normal"
+    quad_points: int = 32
+    bisect_iters: int = 40
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (0 < self.q_min <= 1, "q_min", self.q_min, "give a probability in (0, 1], e.g. 0.05"),
+            (isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "give the LoRA rank, an int >= 1"),
+            (0 < self.baseline_q <= 1, "baseline_q", self.baseline_q, "give a probability in (0, 1]"),
+            (1 / self.rank <= self.baseline_rho <= 1 and float(self.baseline_rho * self.rank).is_integer(),
+             "baseline_rho", self.baseline_rho, f"give k / {self.rank} for an integer 1 <= k <= {self.rank}"),
+            (self.restarts >= 0, "restarts", self.restarts, "give a count >= 0"),
+            (self.max_iters >= 1, "max_iters", self.max_iters, "give a count >= 1"),
+            (self.surrogate in SURROGATES, "surrogate", self.surrogate, f"choose one of {SURROGATES}"),
+            (self.quad_points >= 3, "quad_points", self.quad_points, "give at least 3 nodes"),
+            (self.bisect_iters >= 10, "bisect_iters", self.bisect_iters, "give at least 10"),
+        ]
+        for ok, field, value, fix in checks:
+            wireless._require(ok, f"SolverConfig.{field}", value, fix)
+
+
+@struct.dataclass
+class Problem:
+    """One scenario as arrays (a leading scenario axis vmaps over many): clients are rows."""
+
+    flops_per_s: jax.Array  # (N,)
+    snr_bw: jax.Array       # (N,) p h / N0 in Hz
+    g2: jax.Array           # (N,) G_n^2
+    a: jax.Array            # (N,) data weights
+    alpha: jax.Array        # ()
+    beta: jax.Array         # ()
+    bandwidth_hz: jax.Array  # ()
+    workload: wireless.WorkloadModel = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class SolveResult:
+    q: jax.Array                    # (N,)
+    rho: jax.Array                  # (N,) on the grid k / r
+    k: jax.Array                    # (N,) int
+    objective: jax.Array            # J(q, rho)
+    expected_round_time: jax.Array  # E[T] (surrogate)
+    predicted_rounds: jax.Array     # alpha V + beta
+    baselines: dict                 # name -> (objective, expected_round_time, predicted_rounds)
+
+
+def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
+                 g2: jax.Array, a: jax.Array, alpha: float, beta: float) -> Problem:
+    """Check the inputs (before any expensive work) and pack them as a :class:`Problem`."""
+    wireless.validate_profile(profile)
+    n = profile.num_clients
+    for name, x in (("G2", g2), ("a", a)):
+        x = np.asarray(x)
+        wireless._require(x.shape == (n,), f"{name}.shape", x.shape, f"give one value per client ({n})")
+        wireless._require(np.isfinite(x) & (x >= 0), name, f"min {x.min()}", "values must be finite and >= 0")
+    wireless._require(np.isfinite(alpha) and alpha > 0, "alpha", alpha, "give alpha > 0 (theory.fit_alpha_beta)")
+    wireless._require(np.isfinite(beta) and beta > 0, "beta", beta, "give beta > 0 (theory.fit_alpha_beta)")
+    f = jnp.float32
+    return Problem(flops_per_s=jnp.asarray(profile.flops_per_s, f),
+                   snr_bw=jnp.asarray(profile.power_w * profile.gain / sys.noise_w_per_hz, f),
+                   g2=jnp.asarray(g2, f), a=jnp.asarray(a, f), alpha=jnp.asarray(alpha, f),
+                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f), workload=workload)
+
+
+def problem_times(problem: Problem, rho: jax.Array) -> wireless.ClientTimes:
+    return wireless.ClientTimes(compute=wireless.compute_time(problem.flops_per_s, problem.workload, rho),
+                                bits=wireless.payload_bits(problem.workload, rho), snr_bw=problem.snr_bw)
+
+
+def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> jax.Array:
+    """The configured smooth surrogate of ``E[T](q, rho)``."""
+    times = problem_times(problem, rho)
+    if cfg.surrogate == "normal":
+        return wireless.expected_round_time_normal(times, q, problem.bandwidth_hz, cfg.quad_points,
+                                                   iters=cfg.bisect_iters)
+    return wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters)
+
+
+def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
+    """``J``, ``E[T]`` and the rounds ``alpha V + beta`` at ``(q, rho)``."""
+    rounds = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta)
+    time = expected_round_time(problem, q, rho, cfg)
+    return {"objective": rounds * time, "expected_round_time": time, "predicted_rounds": rounds}
+
+
+# ----------------------------------------------------------------------------- projected gradient
+
+def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array, hi: jax.Array,
+                 max_iters: int, ftol: float) -> tuple[jax.Array, jax.Array]:
+    """Projected gradient with Armijo backtracking on ``lo <= x <= hi``; returns ``(x, f(x))``.
+
+    The first step moves the largest coordinate by 1; each accepted step doubles the next trial,
+    each rejection halves it. A descent method, so ``f(x) <= f(x0)``. Written with one gradient and
+    one function site, which keeps the compile time of the whole solver down.
+    """
+    value_and_grad = jax.value_and_grad(f)
+    project = lambda x: jnp.clip(x, lo, hi)
+
+    def backtrack(x, fx, g, step):
+        def cond(c):
+            _, xn, fn, tries = c
+            return (tries == 0) | ((tries < 30) & ~(fn <= fx + 1e-4 * jnp.vdot(g, xn - x)))
+
+        def body(c):
+            s, _, _, tries = c
+            s = 0.5 * s
+            xn = project(x - s * g)
+            return s, xn, f(xn), tries + 1
+
+        s, xn, fn, _ = jax.lax.while_loop(cond, body, (2.0 * step, x, fx, 0))
+        return s, xn, fn
+
+    def cond(c):
+        it, _, _, _, done = c
+        return (it < max_iters) & ~done
+
+    def body(c):
+        it, x, _, step, _ = c
+        fx, g = value_and_grad(x)
+        step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.abs(g)), 1e-30), step)
+        s, xn, fn = backtrack(x, fx, g, step)
+        accepted = fn < fx
+        done = ~accepted | (fx - fn < ftol * jnp.maximum(1.0, jnp.abs(fx)))
+        return it + 1, jnp.where(accepted, xn, x), jnp.minimum(fn, fx), 2.0 * s, done
+
+    x0 = project(x0)
+    _, x, fx, _, _ = jax.lax.while_loop(cond, body, (0, x0, jnp.inf, 1.0, False))
+    return x, fx
+
+
+# ----------------------------------------------------------------------------- the solver
+
+def _log_objective(problem: Problem, cfg: SolverConfig) -> Callable[[jax.Array], jax.Array]:
+    def f(x):  # x = (log q, log rho), (2, N)
+        return jnp.log(objective_terms(problem, jnp.exp(x[0]), jnp.exp(x[1]), cfg)["objective"])
+    return f
+
+
+def round_rho(rho: jax.Array, rank: int) -> jax.Array:
+    """Nearest grid ratio ``k / r`` with ``1 <= k <= r`` (as int ``k``)."""
+    return jnp.clip(jnp.round(rho * rank), 1, rank).astype(jnp.int32)
+
+
+def _baselines(n: int, cfg: SolverConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
+    q = jnp.full(n, max(cfg.baseline_q, cfg.q_min))
+    return {"uniform": (q, jnp.ones(n)), "fixed_ratio": (q, jnp.full(n, cfg.baseline_rho)),
+            "full": (jnp.ones(n), jnp.ones(n))}
+
+
+def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
+    n = problem.flops_per_s.shape[0]
+    f = _log_objective(problem, cfg)
+    lo = jnp.log(jnp.stack([jnp.full(n, cfg.q_min), jnp.full(n, 1.0 / cfg.rank)]))
+    hi = jnp.zeros((2, n))
+    base = _baselines(n, cfg)
+    base_x = jnp.stack([jnp.log(jnp.stack(qr)) for qr in base.values()])
+    starts = jnp.concatenate([base_x, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n))])
+    on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
+
+    # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
+    # re-optimizes q alone (rho's bounds pinned). One loop, so the descent is compiled once.
+    def phase(i, xs_fs):
+        xs, _ = xs_fs
+        xs = jnp.where(i == 0, xs, on_grid(xs))
+        los = jnp.where(i == 0, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
+        his = jnp.where(i == 0, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
+        return jax.vmap(lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.ftol))(xs, los, his)
+
+    xs, fs = jax.lax.fori_loop(0, 2, phase, (starts, jnp.zeros(len(starts))))
+    # The best polished start, or a baseline (all on the grid) if one is better: never worse.
+    candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])
+    terms = jax.vmap(lambda x: objective_terms(problem, jnp.exp(x[0]), jnp.exp(x[1]), cfg))(candidates)
+    best = jnp.argmin(terms["objective"])
+    q, k = jnp.exp(candidates[best, 0]), round_rho(jnp.exp(candidates[best, 1]), cfg.rank)
+    baselines = {name: jax.tree.map(lambda v: v[i + 1], terms) for i, name in enumerate(base)}
+    return SolveResult(q=q, rho=k / cfg.rank, k=k, baselines=baselines, **jax.tree.map(lambda v: v[best], terms))
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
+    """Solve one scenario (jitted)."""
+    return _solve_problem(problem, key, cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
+    """Solve many scenarios at once: ``problems`` and ``keys`` carry a leading scenario axis."""
+    chex.assert_tree_shape_prefix((problems, keys), keys.shape[:1])
+    return jax.vmap(lambda p, k: _solve_problem(p, k, cfg))(problems, keys)
+
+
+def solve(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
+          g2: jax.Array, a: jax.Array, alpha: float, beta: float, cfg: SolverConfig = SolverConfig()) -> SolveResult:
+    """Sampling probabilities and grid sketch ratios minimizing ``(alpha V + beta) E[T]``."""
+    problem = make_problem(profile, sys, workload, g2, a, alpha, beta)
+    return solve_problem(problem, jax.random.key(cfg.seed), cfg)
+
+
+# ----------------------------------------------------------------------------- closed-form references
+
+def sampling_only_demand(problem: Problem, rho: jax.Array, cfg: SolverConfig, num_levels: int = 2000,
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Best ``q`` at fixed ``rho`` under the expected-demand surrogate, by a 1-D search: ``(q, J)``.
+
+    At a round-time level ``T`` (above every floor), the constraint is ``sum q_n b_n(T) <= Bw`` and
+    ``V`` is separable, so KKT gives ``q_n = clip(sqrt(w_n / (mu b_n)), q_min, 1)`` with
+    ``w_n = a_n^2 G_n^2 / rho_n`` and ``mu`` set by the budget (water-filling, bisection in
+    ``log mu``); ``J(T) = (alpha V(q(T)) + beta) T`` is then scanned over ``num_levels`` levels.
+    """
+    times = problem_times(problem, rho)
+    w = problem.a ** 2 * problem.g2 / rho
+    bw = problem.bandwidth_hz
+    t_lo = jnp.max(times.floor)
+    t_hi = wireless.adaptive_round_time(times, jnp.ones_like(rho, bool), bw)  # q = 1 fits here
+
+    def best_q(tau):
+        b = wireless.bandwidth_for_slack(times, tau - times.floor)
+        q_of = lambda log_mu: jnp.clip(jnp.sqrt(w / (jnp.exp(log_mu) * b)), cfg.q_min, 1.0)
+        excess = lambda log_mu: jnp.log(jnp.sum(q_of(log_mu) * b)) - jnp.log(bw)
+        log_mu = wireless._bisect_decreasing(excess, jnp.asarray(-200.0), jnp.asarray(200.0), 200)
+        q = q_of(log_mu)
+        feasible = jnp.sum(cfg.q_min * b) <= bw
+        j = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta) * tau
+        return q, jnp.where(feasible, j, jnp.inf)
+
+    taus = t_lo + (t_hi - t_lo) * jnp.geomspace(1e-6, 1.0, num_levels)
+    qs, js = jax.lax.map(best_q, taus, batch_size=100)
+    i = jnp.argmin(js)
+    return qs[i], js[i]
+
+
+def equal_times_rho(alpha: float, beta: float, g2: jax.Array, a: jax.Array, t0: float, t1: float,
+                    rank: int) -> float:
+    """Best common ``rho`` when every client is sampled (``q = 1``) and round time is ``t0 + t1 rho``.
+
+    With ``A = alpha sum a^2 G^2``: ``J = (A / rho + beta - A)(t0 + t1 rho)`` has its stationary
+    point at ``rho* = sqrt(A t0 / ((beta - A) t1))``, clipped to ``[1/r, 1]`` (``1`` if ``beta <= A``).
+    """
+    big_a = alpha * float(jnp.sum(a * a * g2))
+    if beta <= big_a:
+        return 1.0
+    return float(np.clip(np.sqrt(big_a * t0 / ((beta - big_a) * t1)), 1.0 / rank, 1.0))
