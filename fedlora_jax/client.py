@@ -76,11 +76,18 @@ def client_update(graphdef: nnx.GraphDef, base: nnx.State, trainable: nnx.State,
 
 def train_clients(graphdef: nnx.GraphDef, base: nnx.State, trainable: nnx.State,
                   sketches: nnx.State, batches: dict, *, loss_fn: LossFn,
-                  optimizer: optax.GradientTransformation) -> tuple[nnx.State, dict]:
+                  optimizer: optax.GradientTransformation, block_size: int | None = None
+                  ) -> tuple[nnx.State, dict]:
     """:func:`client_update` vmapped over a chunk: sketches and batches carry a leading client
-    axis ``C``; the base weights and the global trainables are broadcast, not copied."""
+    axis ``C``; the base weights and the global trainables are broadcast, not copied.
+
+    ``block_size`` trains the chunk as a compiled loop over blocks of that many vmapped clients
+    (``jax.lax.map``): one call either way, but on a CPU small blocks keep activations in cache.
+    """
     num = jax.tree.leaves(batches)[0].shape[0]
     chex.assert_tree_shape_prefix(sketches, (num,))
     run = lambda s, b: client_update(graphdef, base, trainable, s, b, loss_fn=loss_fn,
                                      optimizer=optimizer)
-    return jax.vmap(run)(sketches, batches)
+    if block_size is None or block_size >= num:
+        return jax.vmap(run)(sketches, batches)
+    return jax.lax.map(lambda xs: run(*xs), (sketches, batches), batch_size=block_size)

@@ -39,6 +39,8 @@ class FederationConfig:
       sampling: ``independent`` (Bernoulli ``q_n``, the paper), ``uniform`` (exactly K of N) or
         ``full``.
       chunk_size: clients trained together by one compiled, vmapped call (padding fills the last).
+      block_size: if set, a chunk runs as a compiled loop over blocks of this many vmapped clients
+        (helps CPU caches; leave unset on accelerators).
       sketch_ratio: default ``rho = k / r`` for every client (1 disables sketching).
       shared_sketch: one sketch draw for all layers of a client (else one per layer).
       seed: seeds the run's PRNG key.
@@ -48,6 +50,7 @@ class FederationConfig:
     participants: float = 10.0
     sampling: str = "independent"
     chunk_size: int = 8
+    block_size: int | None = None
     sketch_ratio: float = 1.0
     shared_sketch: bool = True
     seed: int = 0
@@ -59,6 +62,10 @@ class FederationConfig:
             raise ValueError(f"federation.rounds must be a non-negative integer, got {self.rounds!r}.")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"federation.chunk_size must be a positive integer, got {self.chunk_size!r}.")
+        if self.block_size is not None and (not isinstance(self.block_size, int)
+                                            or self.block_size < 1):
+            raise ValueError(f"federation.block_size must be a positive integer or unset, "
+                             f"got {self.block_size!r}.")
         if not self.participants > 0:
             raise ValueError(f"federation.participants must be > 0, got {self.participants!r}.")
         if not 0 < self.sketch_ratio <= 1:
@@ -107,7 +114,7 @@ def ratio_to_rank(ratio, rank: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(ratio, np.float64) * rank), 1, rank).astype(np.int32)
 
 
-def _chunk_step(graphdef, loss_fn, optimizer, steps, batch_size, shared_sketch,
+def _chunk_step(graphdef, loss_fn, optimizer, steps, batch_size, shared_sketch, block_size,
                 base, trainable, template, pool: ClientPool, acc, ids, valid, q, k, key):
     """Trains one chunk of clients and adds ``sum_c a_c / q_c delta_c`` to the accumulator."""
     chex.assert_equal_shape([ids, valid])
@@ -117,7 +124,7 @@ def _chunk_step(graphdef, loss_fn, optimizer, steps, batch_size, shared_sketch,
                         )(keys[:, 0], k[ids])
     batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
     deltas, metrics = train_clients(graphdef, base, trainable, sketches, batches,
-                                    loss_fn=loss_fn, optimizer=optimizer)
+                                    loss_fn=loss_fn, optimizer=optimizer, block_size=block_size)
     weights = jnp.where(valid, pool.weights[ids] / q[ids], 0.0)
     acc = jax.tree.map(lambda s, d: s + jnp.tensordot(weights, d, axes=1), acc, deltas)
     sq_norms = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1) for d in jax.tree.leaves(deltas))
@@ -154,7 +161,8 @@ class FederatedEngine:
         self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
         self._chunk = jax.jit(
             functools.partial(_chunk_step, parts.graphdef, loss_fn, make_optimizer(client_optimizer),
-                              client.local_steps, client.batch_size, federation.shared_sketch),
+                              client.local_steps, client.batch_size, federation.shared_sketch,
+                              federation.block_size),
             donate_argnames=("acc",))
         self._server = jax.jit(functools.partial(_server_step, self._server_opt),
                                donate_argnames=("state",))

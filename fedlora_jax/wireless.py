@@ -509,13 +509,14 @@ def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
     """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
 
     ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``; clients whose floor is at or above ``tau``
-    must be absent (the product), the others' Bernoulli demands are summed as a normal law with
-    mean ``sum q b`` and variance ``sum q (1 - q) b^2``. Demands are capped at ``1e6 Bw`` (the limit
-    of the law as a demand grows is finite, and the cap keeps float32 from overflowing).
+    or whose demand alone exceeds ``Bw`` must be absent (the product), the others' Bernoulli demands
+    are summed as a normal law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. The normal
+    law jumps where a demand crosses ``Bw``: small jumps, but see docs/method.md on gradients.
     """
     slack = tau - times.floor
-    feasible = slack > 0
-    b = jnp.where(feasible, jnp.minimum(bandwidth_for_slack(times, slack) / bandwidth_hz, 1e6), 0.0)
+    b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0)) / bandwidth_hz, jnp.inf)
+    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
+    b = jnp.where(feasible, b, 0.0)
     absent = jnp.prod(jnp.where(feasible, 1.0, 1.0 - q))
     mean = jnp.sum(q * b)
     var = jnp.sum(q * (1.0 - q) * b * b)

@@ -114,9 +114,10 @@ def test_one_compile_across_participant_counts_and_empty_rounds(pool):
 
 
 def test_padding_and_chunking_change_nothing(pool):
-    """12 clients in 4 full chunks of 3, or in one chunk of 16 with 4 padding clients."""
+    """12 clients in 4 full chunks of 3, or in one chunk of 16 (4 padding clients) trained as a
+    compiled loop over blocks of 4 vmapped clients."""
     by3 = _engine(pool, chunk_size=3, sampling="full")
-    by16 = _engine(pool, parts=by3.parts, chunk_size=16, sampling="full")
+    by16 = _engine(pool, parts=by3.parts, chunk_size=16, sampling="full", block_size=4)
     s1, r1 = by3.run_round(by3.init(seed=1))
     s2, r2 = by16.run_round(by16.init(seed=1))
     chex.assert_trees_all_close(s1.trainable, s2.trainable, atol=1e-6, rtol=1e-5)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedlora_jax.models.layers import attend
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyConfig:
@@ -47,8 +49,7 @@ class SelfAttention(nnx.Module):
         b, t, d = x_btd.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
         q, k, v = split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask_bqk[:, None])
-        return self.output(out.reshape(b, t, d))
+        return self.output(attend(q, k, v, mask_bqk[:, None]))
 
 
 class Block(nnx.Module):

@@ -1,0 +1,96 @@
+"""Solve time and memory of the (q, rho) solver against the number of clients and of scenarios.
+
+    python benchmarks/solver_scaling.py --quick --json runs/solver_scaling.json
+
+Rows: num_clients, scenarios, solve_s (after compile), compile_s, peak_mem_mb (process peak RSS),
+objective (mean over scenarios), scipy_s and scipy_objective (L-BFGS-B on the same jitted objective
+and gradient, one start; None where skipped as too slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize as so
+
+from fedlora_jax import solver, wireless
+
+SYS = wireless.SystemConfig()
+WORK = wireless.workload_from_counts(125e6, 0.3e6, 4096, 5)
+
+
+def _problem(key, n):
+    prof = wireless.generate_profile(key, n, SYS)
+    return solver.make_problem(prof, SYS, WORK, jnp.ones(n), jnp.full(n, 1.0 / n), float(n), 100.0)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _scipy(problem, cfg, n):
+    f = jax.jit(jax.value_and_grad(lambda x: jnp.log(solver.objective_terms(
+        problem, jnp.exp(x[:n]), jnp.exp(x[n:]), cfg)["objective"])))
+    f(jnp.zeros(2 * n))
+    bounds = [(np.log(cfg.q_min), 0.0)] * n + [(np.log(1 / cfg.rank), 0.0)] * n
+    t0 = time.perf_counter()
+    r = so.minimize(lambda x: tuple(np.asarray(v, np.float64) for v in f(jnp.asarray(x, jnp.float32))),
+                    np.full(2 * n, -0.5), jac=True, bounds=bounds, method="L-BFGS-B")
+    return time.perf_counter() - t0, float(np.exp(r.fun))
+
+
+def bench(n: int, scenarios: int, cfg: solver.SolverConfig, with_scipy: bool) -> dict:
+    keys = jax.random.split(jax.random.key(0), scenarios)
+    if scenarios == 1:
+        problem, run = _problem(keys[0], n), solver.solve_problem
+        args = (problem, keys[0], cfg)
+    else:
+        problem = jax.vmap(lambda k: _problem(k, n))(keys)
+        run, args = solver.solve_batch, (problem, keys, cfg)
+    t0 = time.perf_counter()
+    compiled = run.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = jax.block_until_ready(compiled(*args[:-1]))  # cfg is static
+    solve_s = time.perf_counter() - t0
+    row = {"num_clients": n, "scenarios": scenarios, "solve_s": solve_s, "compile_s": compile_s,
+           "peak_mem_mb": _peak_mb(), "objective": float(jnp.mean(res.objective)),
+           "scipy_s": None, "scipy_objective": None}
+    if with_scipy and scenarios == 1:
+        row["scipy_s"], row["scipy_objective"] = _scipy(problem, cfg, n)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args()
+    cfg = solver.SolverConfig()
+    if args.quick:
+        plan = [(100, 1, True), (1000, 1, True), (100, 10, False)]
+    else:
+        plan = [(10 ** e, 1, e <= 4) for e in range(2, 7)] + [(1000, 1000, False)]
+    rows = []
+    print(f"{'clients':>9} {'scen':>5} {'solve_s':>9} {'compile_s':>9} {'peak_MB':>8} {'objective':>11} "
+          f"{'scipy_s':>8} {'scipy_obj':>11}")
+    for n, s, sp in plan:
+        row = bench(n, s, cfg, sp)
+        rows.append(row)
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        print(f"{n:>9} {s:>5} {row['solve_s']:>9.3f} {row['compile_s']:>9.2f} {row['peak_mem_mb']:>8.0f} "
+              f"{row['objective']:>11.1f} {fmt(row['scipy_s'], '8.3f'):>8} {fmt(row['scipy_objective'], '11.1f'):>11}",
+              flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
