@@ -24,6 +24,7 @@ from fedlora_jax.client import ClientConfig
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.optim import OptimizerConfig
+from fedlora_jax.wireless import SystemConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +85,15 @@ class RunConfig:
     server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)
     federation: FederationConfig = FederationConfig(rounds=20, participants=10.0, chunk_size=4,
                                                     sketch_ratio=0.5)
+    system: SystemConfig = SystemConfig()
+    bandwidth_allocation: str = "adaptive"
     eval_every: int = 5
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
+        if self.bandwidth_allocation not in ("adaptive", "equal"):
+            raise ValueError(f"bandwidth_allocation must be 'adaptive' or 'equal', "
+                             f"got {self.bandwidth_allocation!r}.")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}.")
 

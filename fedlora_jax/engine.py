@@ -92,6 +92,7 @@ class RoundResult:
     train_loss: float
     train_accuracy: float
     uplink_params: float
+    times: dict[str, float]  # simulated round time: total, and compute/upload of the bottleneck
 
 
 def validate_ranks(k, num_clients: int, rank: int) -> np.ndarray:
@@ -145,7 +146,8 @@ class FederatedEngine:
     """Runs rounds of federated sketched LoRA over a :class:`ClientPool`.
 
     Compiled functions are built once here; ``run_round`` only packs participant ids on the host.
-    ``clock(mask (N,), k (N,)) -> seconds`` advances the simulated wall-clock (0 when omitted).
+    ``clock(mask (N,), k (N,)) -> {"total": seconds, ...}`` advances the simulated wall-clock
+    (see :func:`fedlora_jax.wireless.round_time`; the clock stands still when omitted).
     """
 
     def __init__(self, parts: ModelParts, pool: ClientPool, loss_fn: LossFn, *,
@@ -153,7 +155,7 @@ class FederatedEngine:
                  client_optimizer: OptimizerConfig = OptimizerConfig(),
                  server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0),
                  federation: FederationConfig = FederationConfig(),
-                 clock: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+                 clock: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None):
         self.parts, self.pool, self.cfg, self.client_cfg = parts, pool, federation, client
         self.rank = int(jax.tree.leaves(parts.sketch)[0].shape[-1])
         self.adapter_sizes = adapter_sizes(parts.trainable)
@@ -215,8 +217,8 @@ class FederatedEngine:
                                               k_train)
             sq_norms.append(np.asarray(norms)[chunk_valid])
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
-        round_time = jnp.float32(0.0) if self._clock is None else self._clock(mask, k_dev)
-        state = self._server(state.replace(key=key), acc, round_time)
+        times = ({"total": jnp.float32(0.0)} if self._clock is None else self._clock(mask, k_dev))
+        state = self._server(state.replace(key=key), acc, times["total"])
         sq = np.concatenate(sq_norms) if sq_norms else np.zeros(0, np.float32)
         if not np.isfinite(sq).all():
             raise FloatingPointError(
@@ -228,7 +230,8 @@ class FederatedEngine:
             participants=participants, update_sq_norms=sq,
             train_loss=float(totals["loss_sum"]) / count if count else float("nan"),
             train_accuracy=float(totals["correct"]) / count if count else float("nan"),
-            uplink_params=float((k[participants] / self.rank * lora_params + head_params).sum()))
+            uplink_params=float((k[participants] / self.rank * lora_params + head_params).sum()),
+            times={name: float(t) for name, t in times.items()})
 
     def evaluate(self, state: ServerState, examples: dict, batch_size: int = 64) -> dict[str, float]:
         """Loss and accuracy of the global model (un-sketched) on held-out examples."""

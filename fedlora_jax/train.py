@@ -8,12 +8,14 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from fedlora_jax import config as config_lib
+from fedlora_jax import wireless
 from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
@@ -98,10 +100,32 @@ def build(cfg: config_lib.RunConfig) -> Setup:
                                 rngs=nnx.Rngs(cfg.federation.seed))
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
     pool = ClientPool.from_partition(train, clients)
-    engine = FederatedEngine(split_model(model), pool, get_loss("classification"),
+    parts = split_model(model)
+    engine = FederatedEngine(parts, pool, get_loss("classification"),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
-                             server_optimizer=cfg.server_optimizer, federation=cfg.federation)
+                             server_optimizer=cfg.server_optimizer, federation=cfg.federation,
+                             clock=make_clock(cfg, parts, pool.num_clients))
     return Setup(engine, heldout, labels, description)
+
+
+def make_clock(cfg: config_lib.RunConfig, parts, num_clients: int):
+    """The simulated wall-clock of a round (:func:`wireless.round_time`) for this model and work.
+
+    FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul); the
+    payload is the LoRA factors, scaled by each client's ``k/r``.
+    """
+    base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
+                      if not any("embed" in str(p) for p in path))
+    lora_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.trainable)
+                      if path[-1] in ("lora_a", "lora_b"))
+    workload = wireless.workload_from_counts(
+        base_params, lora_params, cfg.client.batch_size * cfg.data.max_length, cfg.client.local_steps)
+    profile = wireless.generate_profile(jax.random.key(cfg.federation.seed + 2), num_clients,
+                                        cfg.system)
+    rank = cfg.lora.rank
+    adaptive = cfg.bandwidth_allocation == "adaptive"
+    return jax.jit(lambda mask, k: wireless.round_time(profile, cfg.system, workload, mask, k / rank,
+                                                       adaptive=adaptive))
 
 
 def train(cfg: config_lib.RunConfig, *, progress: bool = True, log=print) -> list[dict]:
@@ -124,6 +148,7 @@ def train(cfg: config_lib.RunConfig, *, progress: bool = True, log=print) -> lis
             row = {"round": r, "participants": int(result.participants.size),
                    "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
                    "uplink_params": result.uplink_params, "sim_clock_s": float(state.clock),
+                   **{f"round_{name}_s": t for name, t in result.times.items()},
                    "elapsed_s": time.perf_counter() - start}
             if r % cfg.eval_every == 0 or r == cfg.federation.rounds:
                 row.update(_prefixed(engine.evaluate(state, setup.heldout), "eval_"))
@@ -154,4 +179,6 @@ def summary(history: list[dict]) -> str:
         f"  participants / round   mean {participants.mean():.1f}, min {participants.min()}, "
         f"max {participants.max()}",
         f"  uplink volume          {uplink / 1e6:.2f} M parameters ({uplink * 4 / 2**20:.1f} MiB fp32)",
+        f"  simulated wall-clock   {last.get('sim_clock_s', 0.0):.1f} s (compute + upload, "
+        "adaptive bandwidth)" if rounds else "",
         f"  wall time              {last.get('elapsed_s', 0.0):.1f} s"])
