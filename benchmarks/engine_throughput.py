@@ -78,6 +78,7 @@ def measure(name: str, cfg: TinyConfig, chunk: int, steps: int, batch: int, seq:
                                                 **kw)[0])
     per_client = [(jax.tree.map(lambda x: x[c], sketches), jax.tree.map(lambda x: x[c], batches))
                   for c in range(chunk)]
+    flops = vmapped.lower(sketches, batches).compile().cost_analysis()["flops"]
     t_vmap = _time(lambda: vmapped(sketches, batches), repeats)
     t_loop = _time(lambda: [single(s, b) for s, b in per_client], repeats)
     t_block = _time(lambda: blocked(sketches, batches), repeats)
@@ -88,8 +89,16 @@ def measure(name: str, cfg: TinyConfig, chunk: int, steps: int, batch: int, seq:
             "vmapped_client_steps_per_s": client_steps / t_vmap,
             "vmapped_tokens_per_s": client_steps * batch * seq / t_vmap,
             "speedup": t_loop / t_vmap,
+            "vmapped_gflops": flops / t_vmap / 1e9, "sequential_gflops": flops / t_loop / 1e9,
             f"blocked{BLOCK}_client_steps_per_s": client_steps / t_block,
             "blocked_speedup": t_loop / t_block}
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul throughput of this machine: the ceiling for the local step."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / _time(lambda: mm(a), repeats) / 1e9
 
 
 def main(argv=None) -> list[dict]:
@@ -98,22 +107,31 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="small grid, about a minute")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    # (model, local steps, batch, sequence length) -> chunk sizes; the first work size is the
+    # light per-client load of large client-count sweeps, the second a typical fine-tuning step.
     if args.quick:
-        grid = {"tiny-d64": [1, 8, 32, 64], "base-d384": [1, 8]}
-        steps, batch, seq, repeats = 2, 4, 32, 2
+        grid = {("tiny-d64", 2, 2, 16): [1, 8, 32, 64], ("tiny-d64", 2, 4, 32): [8, 32],
+                ("base-d384", 2, 4, 32): [1, 8]}
+        repeats = 2
     else:
-        grid = {"tiny-d64": [1, 4, 16, 32, 64, 128, 256], "small-d128": [1, 8, 32, 64],
-                "base-d384": [1, 4, 8, 16]}
-        steps, batch, seq, repeats = 4, 8, 64, 3
+        grid = {("tiny-d64", 4, 2, 16): [1, 4, 16, 32, 64, 128, 256],
+                ("tiny-d64", 4, 8, 64): [1, 8, 32, 64],
+                ("small-d128", 4, 2, 16): [1, 8, 32, 64, 128],
+                ("small-d128", 4, 8, 64): [1, 8, 32, 64], ("base-d384", 4, 8, 64): [1, 4, 8, 16]}
+        repeats = 3
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s")
     rows = []
-    print(f"{'model':<11} {'chunk':>5} {'loop steps/s':>13} {'vmap steps/s':>13} "
-          f"{'vmap tok/s':>11} {'speedup':>8} {'blocked x':>10}")
-    for name, chunks in grid.items():
+    print(f"{'model':<11} {'work':>8} {'chunk':>5} {'loop steps/s':>13} {'vmap steps/s':>13} "
+          f"{'vmap GFLOP/s':>12} {'speedup':>8} {'blocked x':>10}")
+    for (name, steps, batch, seq), chunks in grid.items():
         for chunk in chunks:
             row = measure(name, MODELS[name], chunk, steps, batch, seq, repeats)
+            row["peak_gflops"] = peak
             rows.append(row)
-            print(f"{name:<11} {chunk:>5} {row['sequential_client_steps_per_s']:>13.1f} "
-                  f"{row['vmapped_client_steps_per_s']:>13.1f} {row['vmapped_tokens_per_s']:>11.0f} "
+            print(f"{name:<11} {f'{batch}x{seq}':>8} {chunk:>5} "
+                  f"{row['sequential_client_steps_per_s']:>13.1f} "
+                  f"{row['vmapped_client_steps_per_s']:>13.1f} {row['vmapped_gflops']:>12.1f} "
                   f"{row['speedup']:>7.2f}x {row['blocked_speedup']:>9.2f}x", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": jax.device_count(),
             "backend": jax.default_backend()}

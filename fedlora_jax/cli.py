@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module exposes ``register(subparsers)`` which adds its parser and sets ``func``.
-COMMANDS = ("run", "solve")
+COMMANDS = ("run", "compare", "sweep", "solve", "bench", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from fedlora_jax import presets
 from fedlora_jax.client import ClientConfig
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
@@ -44,7 +45,8 @@ class ModelConfig:
 class DataConfig:
     """``source``: ``builtin`` (Python's documentation, 7 chapters), ``synthetic`` or a local file
     (TSV/CSV/JSON/JSONL classification data). ``partition``: ``natural`` (by topic, builtin only),
-    ``dirichlet`` (over labels, with ``alpha``) or ``iid``."""
+    ``dirichlet`` (over labels, with ``alpha``) or ``iid``. ``synthetic_per_client``: examples
+    per client of the synthetic data (before the held-out split)."""
 
     source: str = "builtin"
     num_clients: int = 50
@@ -54,6 +56,7 @@ class DataConfig:
     heldout_fraction: float = 0.2
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
+    synthetic_per_client: int = 50
 
     def __post_init__(self):
         if self.partition not in ("natural", "dirichlet", "iid"):
@@ -70,37 +73,56 @@ class DataConfig:
             raise ValueError(f"data.alpha must be > 0, got {self.alpha!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"data.max_length must be an integer >= 2, got {self.max_length!r}.")
+        if not isinstance(self.synthetic_per_client, int) or self.synthetic_per_client < 1:
+            raise ValueError(f"data.synthetic_per_client must be a positive integer, "
+                             f"got {self.synthetic_per_client!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything one simulated federated fine-tuning run needs."""
+    """Everything one simulated federated fine-tuning run needs.
+
+    ``strategy`` names a registered strategy (:mod:`fedlora_jax.strategies`; ``fixed`` runs the
+    federation settings as given); the settings it pins must be left at their defaults or agree.
+    """
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"),
                                   modules_to_save=("classifier",))
     client: ClientConfig = ClientConfig(local_steps=2, batch_size=4)
-    client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 2e-3)
+    client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 5e-3)
     server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)
     federation: FederationConfig = FederationConfig(rounds=20, participants=10.0, chunk_size=4,
                                                     sketch_ratio=0.5)
     system: SystemConfig = SystemConfig()
     bandwidth_allocation: str = "adaptive"
+    strategy: str = "fixed"
     eval_every: int = 5
+    checkpoint_every: int = 10
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
+        from fedlora_jax import strategies  # strategies import the component configs
+
+        reasons = strategies.contradictions(strategies.get_strategy(self.strategy), self)
+        if reasons:
+            raise ValueError(" ".join(reasons))
         if self.bandwidth_allocation not in ("adaptive", "equal"):
             raise ValueError(f"bandwidth_allocation must be 'adaptive' or 'equal', "
                              f"got {self.bandwidth_allocation!r}.")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}.")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end and "
+                             f"on Ctrl-C), got {self.checkpoint_every!r}.")
 
 
-def _closest(name: str, options) -> str:
+def _closest(name: str, options, where: str = "") -> str:
+    prefix = f"{where}." if where else ""
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {sorted(options)}."
+    return (f" Did you mean {prefix + match[0]!r}?" if match else
+            f" Valid keys: {sorted(prefix + o for o in options)}.")
 
 
 def _coerce(value: Any, hint, where: str):
@@ -163,7 +185,7 @@ def from_dict(cls, values: dict, where: str = ""):
     for key in values:
         if key not in fields:
             name = f"{where}.{key}" if where else key
-            raise ValueError(f"Unknown config key {name!r}.{_closest(key, fields)}")
+            raise ValueError(f"Unknown config key {name!r}.{_closest(key, fields, where)}")
     kwargs = {}
     defaults = cls()
     for key, value in values.items():
@@ -172,11 +194,16 @@ def from_dict(cls, values: dict, where: str = ""):
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             current = dataclasses.asdict(getattr(defaults, key))
             value = {**current, **value}
-        kwargs[key] = _coerce(value, hint, name)
+        try:
+            kwargs[key] = _coerce(value, hint, name)
+        except TypeError as e:  # a user error like any other: ValueError, naming the field
+            raise ValueError(str(e)) from None
     try:
         return dataclasses.replace(defaults, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where + ': ' if where else ''}{e}") from None
+    except (ValueError, TypeError) as e:  # the component's own check; name its section
+        message = str(e)
+        named = not where or message.startswith(where)
+        raise ValueError(message if named else f"{where}: {message}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -187,10 +214,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw else ""
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: RunConfig | None = None
-                ) -> RunConfig:
-    """Reads a TOML/YAML/JSON file (optional), applies ``--set`` overrides, validates everything."""
+def load_config(path: str | None = None, overrides: list[str] = (), base: RunConfig | None = None,
+                preset: str | None = None) -> RunConfig:
+    """Layers ``base`` (default: :class:`RunConfig`), a named preset, a TOML/YAML/JSON file and
+    ``--set`` overrides, in that order; validates everything before returning."""
     values: dict = dataclasses.asdict(base or RunConfig())
+    if preset is not None:
+        _merge(values, presets.values(preset))
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -202,6 +232,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: RunCon
     for item in overrides:
         keys, value = parse_override(item)
         _merge(values, _nest(keys, value))
+    if preset is not None and (missing := presets.missing(preset, values)):
+        raise ValueError(f"Preset {preset!r} needs: " + "; ".join(missing) + ".")
     return from_dict(RunConfig, values)
 
 

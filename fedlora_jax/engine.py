@@ -7,6 +7,12 @@ Shapes are static per run (chunk size, local steps, batch, sequence length), so 
 recompiles whatever its number of participants; a round with no participant is legal (the server
 applies a zero pseudo-gradient). Every client's randomness is ``fold_in(round_key, client_id)``, so
 results do not depend on how participants are packed into chunks.
+
+The client axis of a chunk is sharded over a one-axis device :class:`~jax.sharding.Mesh` (axis
+``clients``) with :func:`jax.shard_map`; base weights, global trainables and the client pool are
+replicated, and the chunk's weighted sum of deltas is reduced across devices with ``psum``. One
+device is the mesh of size one, so the same program serves one device, many, and many hosts
+(``jax.distributed.initialize()`` before building the engine; ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from fedlora_jax import sampling
 from fedlora_jax.client import ClientConfig, LossFn, ModelParts, train_clients
@@ -38,12 +45,15 @@ class FederationConfig:
       participants: expected participants per round; the default ``q_n = participants / N``.
       sampling: ``independent`` (Bernoulli ``q_n``, the paper), ``uniform`` (exactly K of N) or
         ``full``.
-      chunk_size: clients trained together by one compiled, vmapped call (padding fills the last).
+      chunk_size: clients trained together by one compiled, vmapped call (padding fills the last);
+        rounded up to a multiple of the number of devices, and never below it.
       block_size: if set, a chunk runs as a compiled loop over blocks of this many vmapped clients
         (helps CPU caches; leave unset on accelerators).
       sketch_ratio: default ``rho = k / r`` for every client (1 disables sketching).
       shared_sketch: one sketch draw for all layers of a client (else one per layer).
       seed: seeds the run's PRNG key.
+      devices: devices the client axis is sharded over (``None``: all of ``jax.devices()``, which
+        spans every host of a multi-host job).
     """
 
     rounds: int = 20
@@ -54,6 +64,7 @@ class FederationConfig:
     sketch_ratio: float = 1.0
     shared_sketch: bool = True
     seed: int = 0
+    devices: int | None = None
 
     def __post_init__(self):
         if self.sampling not in sampling.SCHEMES:
@@ -70,6 +81,9 @@ class FederationConfig:
             raise ValueError(f"federation.participants must be > 0, got {self.participants!r}.")
         if not 0 < self.sketch_ratio <= 1:
             raise ValueError(f"federation.sketch_ratio must be in (0, 1], got {self.sketch_ratio!r}.")
+        if self.devices is not None and (not isinstance(self.devices, int) or self.devices < 1):
+            raise ValueError(f"federation.devices must be a positive integer or unset (all "
+                             f"devices), got {self.devices!r}.")
 
 
 @struct.dataclass
@@ -115,22 +129,59 @@ def ratio_to_rank(ratio, rank: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(ratio, np.float64) * rank), 1, rank).astype(np.int32)
 
 
-def _chunk_step(graphdef, loss_fn, optimizer, steps, batch_size, shared_sketch, block_size,
+CLIENTS = "clients"  # the mesh axis of the client dimension
+
+
+def client_mesh(devices: int | None = None) -> Mesh:
+    """A one-axis mesh ``clients`` over the first ``devices`` devices (``None``: all of them)."""
+    available = jax.device_count()
+    count = available if devices is None else devices
+    if count > available:
+        raise ValueError(f"federation.devices={count} but only {available} "
+                         f"{jax.default_backend()} device(s) are visible; on a CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before "
+                         "importing jax.")
+    return jax.make_mesh((count,), (CLIENTS,), (jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:count])
+
+
+def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
+    """Validates a client mesh against the config; returns the chunk size padded to a multiple of
+    the mesh's device count."""
+    if mesh.axis_names != (CLIENTS,):
+        raise ValueError(f"The mesh has axes {mesh.axis_names}; the engine shards clients over a "
+                         f"one-axis mesh named {CLIENTS!r}: jax.make_mesh((n,), ({CLIENTS!r},)).")
+    size = mesh.devices.size
+    if devices is not None and devices != size:
+        raise ValueError(f"The mesh has {size} device(s) but federation.devices={devices}; "
+                         "pass a matching mesh or leave federation.devices unset.")
+    if chunk_size < size:
+        raise ValueError(f"federation.chunk_size={chunk_size} is below the {size} devices of the "
+                         f"mesh: every device needs at least one client per chunk; use a multiple "
+                         f"of {size} or fewer devices.")
+    return -(-chunk_size // size) * size
+
+
+def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, shared_sketch, block_size,
                 base, trainable, template, pool: ClientPool, acc, ids, valid, q, k, key):
-    """Trains one chunk of clients and adds ``sum_c a_c / q_c delta_c`` to the accumulator."""
+    """Trains this device's clients of a chunk; adds ``sum_c a_c / q_c delta_c`` over all devices
+    (``psum`` on the ``clients`` axis) to the accumulator. Runs inside :func:`jax.shard_map`."""
     chex.assert_equal_shape([ids, valid])
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(ids)
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), 3))(ids)
     sketches = jax.vmap(lambda kk, kn: draw_sketch(kk, kn, template,
                                                    shared_across_layers=shared_sketch)
                         )(keys[:, 0], k[ids])
     batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
+    trainable = jax.lax.pcast(trainable, CLIENTS, to="varying")  # each device trains its own copy
     deltas, metrics = train_clients(graphdef, base, trainable, sketches, batches,
-                                    loss_fn=loss_fn, optimizer=optimizer, block_size=block_size)
+                                    loss_fn=loss_fn, optimizer=optimizer, rngs=rngs,
+                                    keys=keys[:, 2], block_size=block_size)
     weights = jnp.where(valid, pool.weights[ids] / q[ids], 0.0)
-    acc = jax.tree.map(lambda s, d: s + jnp.tensordot(weights, d, axes=1), acc, deltas)
+    acc = jax.tree.map(lambda s, d: s + jax.lax.psum(jnp.tensordot(weights, d, axes=1), CLIENTS),
+                       acc, deltas)
     sq_norms = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1) for d in jax.tree.leaves(deltas))
-    metrics = jax.tree.map(lambda m: jnp.where(valid, m, 0).sum(), metrics)
-    return acc, sq_norms, metrics
+    metrics = jax.tree.map(lambda m: jax.lax.psum(jnp.where(valid, m, 0).sum(), CLIENTS), metrics)
+    return acc, jax.lax.all_gather(sq_norms, CLIENTS, tiled=True, to="invarying"), metrics
 
 
 def _server_step(optimizer, state: ServerState, acc, round_time) -> ServerState:
@@ -148,6 +199,8 @@ class FederatedEngine:
     Compiled functions are built once here; ``run_round`` only packs participant ids on the host.
     ``clock(mask (N,), k (N,)) -> {"total": seconds, ...}`` advances the simulated wall-clock
     (see :func:`fedlora_jax.wireless.round_time`; the clock stands still when omitted).
+    ``mesh``: a one-axis ``clients`` mesh to shard each chunk over (default: ``federation.devices``
+    devices); ``chunk_size`` is the chunk size after padding to a multiple of its devices.
     """
 
     def __init__(self, parts: ModelParts, pool: ClientPool, loss_fn: LossFn, *,
@@ -155,22 +208,34 @@ class FederatedEngine:
                  client_optimizer: OptimizerConfig = OptimizerConfig(),
                  server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0),
                  federation: FederationConfig = FederationConfig(),
-                 clock: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None):
+                 clock: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
+                 mesh: Mesh | None = None):
+        self.mesh = client_mesh(federation.devices) if mesh is None else mesh
+        self.chunk_size = check_mesh(self.mesh, federation.devices, federation.chunk_size)
+        self._replicated = jax.NamedSharding(self.mesh, jax.P())
+        parts = dataclasses.replace(parts, **{name: jax.device_put(getattr(parts, name),
+                                                                   self._replicated)
+                                              for name in ("base", "trainable", "sketch")})
+        pool = jax.device_put(pool, self._replicated)
         self.parts, self.pool, self.cfg, self.client_cfg = parts, pool, federation, client
         self.rank = int(jax.tree.leaves(parts.sketch)[0].shape[-1])
         self.adapter_sizes = adapter_sizes(parts.trainable)
         self._server_opt = make_optimizer(server_optimizer)
         self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
+        chunk_step = functools.partial(
+            _chunk_step, parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
+            client.local_steps, client.batch_size, federation.shared_sketch, federation.block_size)
+        rep, sharded = jax.P(), jax.P(CLIENTS)
+        specs = (rep, rep, rep, rep, rep, sharded, sharded, rep, rep, rep)
         self._chunk = jax.jit(
-            functools.partial(_chunk_step, parts.graphdef, loss_fn, make_optimizer(client_optimizer),
-                              client.local_steps, client.batch_size, federation.shared_sketch,
-                              federation.block_size),
-            donate_argnames=("acc",))
+            jax.shard_map(chunk_step, mesh=self.mesh, in_specs=specs, out_specs=(rep, rep, rep)),
+            in_shardings=tuple(jax.NamedSharding(self.mesh, spec) for spec in specs),
+            donate_argnums=(4,))
         self._server = jax.jit(functools.partial(_server_step, self._server_opt),
                                donate_argnames=("state",))
         self._clock = clock
         self._eval = jax.jit(lambda trainable, base, batch: loss_fn(
-            nnx.merge(parts.graphdef, trainable, parts.sketch, base), batch)[1])
+            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs, base), batch)[1])
 
     @property
     def num_clients(self) -> int:
@@ -186,13 +251,21 @@ class FederatedEngine:
     def init(self, seed: int | None = None) -> ServerState:
         seed = self.cfg.seed if seed is None else seed
         trainable = jax.tree.map(jnp.copy, self.parts.trainable)  # the state's buffers are donated
-        return ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
-                           round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
-                           clock=jnp.zeros((), jnp.float32))
+        state = ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
+                            round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
+                            clock=jnp.zeros((), jnp.float32))
+        return jax.device_put(state, self._replicated)  # as every round leaves it: no retrace
+
+    def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
+        """The compiled chunk step of this run (its ``memory_analysis()`` is a chunk's memory)."""
+        ids = np.zeros(self.chunk_size, np.int32)
+        q, k = jax.device_put((self.default_q(), self.default_k()), self._replicated)
+        return self._chunk.lower(self.parts.base, state.trainable, self.parts.sketch, self.pool,
+                                 state.trainable, ids, ids > 0, q, k, state.key).compile()
 
     def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pads participant ids to whole chunks: ``(num_chunks, C)`` ids and validity mask."""
-        c = self.cfg.chunk_size
+        c = self.chunk_size
         num_chunks = -(-participants.size // c)
         ids = np.zeros(num_chunks * c, np.int32)
         ids[:participants.size] = participants
@@ -209,7 +282,7 @@ class FederatedEngine:
         participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
         ids, valid = self.pack(participants)
         acc = jax.tree.map(jnp.zeros_like, state.trainable)
-        q_dev, k_dev = jnp.asarray(q_incl), jnp.asarray(k)
+        q_dev, k_dev = jax.device_put((q_incl, k), self._replicated)
         sq_norms, totals = [], {}
         for chunk_ids, chunk_valid in zip(ids, valid):
             acc, norms, metrics = self._chunk(self.parts.base, state.trainable, self.parts.sketch,

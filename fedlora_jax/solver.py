@@ -6,8 +6,9 @@ with ``V`` from :mod:`fedlora_jax.theory` and ``E[T]`` a smooth surrogate from
 :mod:`fedlora_jax.wireless` (the normal-approximation one by default: the most faithful, see
 docs/method.md). The problem is non-convex and its optima sit on the bounds, so we run projected
 gradient descent on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
-with an Armijo backtracking step, from several starts -- the uniform and fixed-ratio baselines, full
-participation and random points -- all vmapped, jitted, and vmapped again over scenarios. ``rho`` is
+with Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform and
+fixed-ratio baselines, full participation and random points, for up to ``multistart_max_clients``
+clients; the uniform baseline alone above -- vmapped, jitted, and vmapped again over scenarios. ``rho`` is
 then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
 returned worse than the baselines it started from.
 """
@@ -38,12 +39,15 @@ class SolverConfig:
       rank: global LoRA rank ``r``; ``rho`` ranges over ``[1/r, 1]`` and is rounded to ``k/r``.
       baseline_q: the uniform-sampling baseline's probability (clipped to ``[q_min, 1]``).
       baseline_rho: the fixed-ratio (FSLoRA) baseline's sketch ratio, on the grid ``k/r``.
-      restarts: random starts in addition to the three baselines.
+      restarts: random starts in addition to the three baselines ...
+      multistart_max_clients: ... used up to this many clients; above, only the uniform baseline
+        starts (restarts matter most for few clients, and cost the most for many).
       max_iters: projected-gradient iterations per start (and again for the polish after rounding).
-      ftol: stop when an iteration lowers ``log J`` by less than this.
+      xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
-      quad_points: quadrature nodes of the normal surrogate.
-      bisect_iters: bisection steps of roots and quantiles (float32: 40 is at machine precision).
+      quad_points: Gauss-Legendre nodes of the normal surrogate.
+      support_iters: regula falsi steps for the normal surrogate's integration range.
+      bisect_iters: bisection steps of the demand surrogate's root (float32: 40 is at machine precision).
       seed: PRNG seed of the random starts.
     """
 
@@ -52,10 +56,12 @@ class SolverConfig:
     baseline_q: float = 0.2
     baseline_rho: float = 0.25
     restarts: int = 2
-    max_iters: int = 100
-    ftol: float = 1e-6
+    multistart_max_clients: int = 500
+    max_iters: int = 60
+    xtol: float = 1e-4
     surrogate: str = "normal"
-    quad_points: int = 32
+    quad_points: int = 24
+    support_iters: int = 12
     bisect_iters: int = 40
     seed: int = 0
 
@@ -70,6 +76,7 @@ class SolverConfig:
             (self.max_iters >= 1, "max_iters", self.max_iters, "give a count >= 1"),
             (self.surrogate in SURROGATES, "surrogate", self.surrogate, f"choose one of {SURROGATES}"),
             (self.quad_points >= 3, "quad_points", self.quad_points, "give at least 3 nodes"),
+            (self.support_iters >= 4, "support_iters", self.support_iters, "give at least 4"),
             (self.bisect_iters >= 10, "bisect_iters", self.bisect_iters, "give at least 10"),
         ]
         for ok, field, value, fix in checks:
@@ -129,7 +136,7 @@ def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: Sol
     times = problem_times(problem, rho)
     if cfg.surrogate == "normal":
         return wireless.expected_round_time_normal(times, q, problem.bandwidth_hz, cfg.quad_points,
-                                                   iters=cfg.bisect_iters)
+                                                   iters=cfg.support_iters)
     return wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters)
 
 
@@ -143,45 +150,61 @@ def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverC
 # ----------------------------------------------------------------------------- projected gradient
 
 def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array, hi: jax.Array,
-                 max_iters: int, ftol: float) -> tuple[jax.Array, jax.Array]:
-    """Projected gradient with Armijo backtracking on ``lo <= x <= hi``; returns ``(x, f(x))``.
+                 max_iters: int, xtol: float, memory: int = 1, max_halvings: int = 8,
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Projected gradient with Barzilai-Borwein steps on ``lo <= x <= hi``; returns ``(x, f(x))``.
 
-    The first step moves the largest coordinate by 1; each accepted step doubles the next trial,
-    each rejection halves it. A descent method, so ``f(x) <= f(x0)``. Written with one gradient and
-    one function site, which keeps the compile time of the whole solver down.
+    Each iteration moves to the projection of ``x - s g`` (``s``: the BB1 step ``|dx|^2 / dx.dg``;
+    the first moves the largest coordinate by 1), halving the move until ``f`` is below the largest
+    of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello and Lucidi).
+    Stops when no coordinate moves by ``xtol``, when ``max_halvings`` halvings find no acceptable
+    point, or after 5 iterations without a new best. The gradient of the normal surrogate is inexact
+    (docs/method.md): the monotone rule (``memory = 1``) then stops sooner, at as good a point.
+    Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a trial is
+    usually accepted: a small compile, one pass an iteration.
     """
     value_and_grad = jax.value_and_grad(f)
     project = lambda x: jnp.clip(x, lo, hi)
 
-    def backtrack(x, fx, g, step):
+    def line_search(x, g, step, f_ref):
+        d = project(x - step * g) - x
+        slope = 1e-4 * jnp.vdot(g, d)
+
         def cond(c):
-            _, xn, fn, tries = c
-            return (tries == 0) | ((tries < 30) & ~(fn <= fx + 1e-4 * jnp.vdot(g, xn - x)))
+            lam, _, fn, _, tries = c
+            return (tries == 0) | ((tries <= max_halvings) & ~(fn <= f_ref + lam * slope))
 
         def body(c):
-            s, _, _, tries = c
-            s = 0.5 * s
-            xn = project(x - s * g)
-            return s, xn, f(xn), tries + 1
+            lam, _, _, _, tries = c
+            lam = jnp.where(tries == 0, 1.0, 0.5 * lam)
+            xn = x + lam * d
+            fn, gn = value_and_grad(xn)
+            return lam, xn, fn, gn, tries + 1
 
-        s, xn, fn, _ = jax.lax.while_loop(cond, body, (2.0 * step, x, fx, 0))
-        return s, xn, fn
+        lam, xn, fn, gn, _ = jax.lax.while_loop(cond, body, (1.0, x, jnp.inf, g, 0))
+        return xn, jnp.where(jnp.isfinite(fn), fn, jnp.inf), gn, fn <= f_ref + lam * slope
 
     def cond(c):
-        it, _, _, _, done = c
+        it, *_, done = c
         return (it < max_iters) & ~done
 
     def body(c):
-        it, x, _, step, _ = c
-        fx, g = value_and_grad(x)
-        step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.abs(g)), 1e-30), step)
-        s, xn, fn = backtrack(x, fx, g, step)
-        accepted = fn < fx
-        done = ~accepted | (fx - fn < ftol * jnp.maximum(1.0, jnp.abs(fx)))
-        return it + 1, jnp.where(accepted, xn, x), jnp.minimum(fn, fx), 2.0 * s, done
+        it, x, _, g, step, hist, best_x, best_f, stall, _ = c
+        xn, fn, gn, ok = line_search(x, g, step, jnp.max(hist))  # iteration 0: g = 0, evaluates x0
+        dx, dg = xn - x, gn - g
+        curv = jnp.vdot(dx, dg)
+        bb = jnp.where(curv > 0, jnp.vdot(dx, dx) / jnp.where(curv > 0, curv, 1.0), 2.0 * step)
+        step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.abs(gn)), 1e-30), bb)
+        hist = jnp.where(it == 0, fn, jnp.roll(hist, 1).at[0].set(fn))
+        better = fn < best_f - 1e-6 * jnp.abs(best_f)
+        stall = jnp.where(better, 0, stall + 1)
+        done = (it > 0) & ((jnp.max(jnp.abs(dx)) < xtol) | ~ok | (stall >= 5))
+        return (it + 1, xn, fn, gn, jnp.clip(step, 1e-10, 1e10), hist, jnp.where(fn < best_f, xn, best_x),
+                jnp.minimum(fn, best_f), stall, done)
 
     x0 = project(x0)
-    _, x, fx, _, _ = jax.lax.while_loop(cond, body, (0, x0, jnp.inf, 1.0, False))
+    init = (0, x0, jnp.inf, jnp.zeros_like(x0), 1.0, jnp.full(memory, jnp.inf), x0, jnp.inf, 0, False)
+    *_, x, fx, _, _ = jax.lax.while_loop(cond, body, init)
     return x, fx
 
 
@@ -211,7 +234,10 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
     hi = jnp.zeros((2, n))
     base = _baselines(n, cfg)
     base_x = jnp.stack([jnp.log(jnp.stack(qr)) for qr in base.values()])
-    starts = jnp.concatenate([base_x, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n))])
+    if n <= cfg.multistart_max_clients:
+        starts = jnp.concatenate([base_x, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n))])
+    else:
+        starts = base_x[:1]
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
 
     # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
@@ -221,7 +247,10 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
         xs = jnp.where(i == 0, xs, on_grid(xs))
         los = jnp.where(i == 0, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
         his = jnp.where(i == 0, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
-        return jax.vmap(lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.ftol))(xs, los, his)
+        descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol)
+        if len(xs) == 1:  # a vmapped while loop selects its whole state every step: skip it
+            return jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
+        return jax.vmap(descend)(xs, los, his)
 
     xs, fs = jax.lax.fori_loop(0, 2, phase, (starts, jnp.zeros(len(starts))))
     # The best polished start, or a baseline (all on the grid) if one is better: never worse.

@@ -1,10 +1,13 @@
 """One simulated federated fine-tuning run: build model, data and engine from a RunConfig, then
-loop over rounds with a progress bar, periodic evaluation and per-round JSONL metrics."""
+loop over rounds with progress reporting, periodic evaluation, per-round JSONL metrics and orbax
+checkpoints (resumable)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,14 +17,17 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from fedlora_jax import checkpoint, strategies, theory, wireless
 from fedlora_jax import config as config_lib
-from fedlora_jax import wireless
+from fedlora_jax import metrics as metrics_lib
 from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
 from fedlora_jax.engine import FederatedEngine
 from fedlora_jax.lora import apply_lora
 from fedlora_jax.tasks import get_loss
+
+CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -30,6 +36,8 @@ class Setup:
     heldout: dict[str, np.ndarray]
     label_names: tuple[str, ...]
     description: str
+    profile: wireless.SystemProfile  # the simulated network, shared by the clock and the solver
+    workload: wireless.WorkloadModel
 
 
 def _tokenizer_and_model(cfg: config_lib.RunConfig, num_labels: int | None):
@@ -64,7 +72,8 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer):
     if data.source == "synthetic":
         from fedlora_jax.data.synthetic import synthetic_classification
         vocab = 512 if tokenizer is None else tokenizer.vocab_size
-        examples = synthetic_classification(seed, 50 * data.num_clients, data.max_length, vocab, 4)
+        examples = synthetic_classification(seed, data.synthetic_per_client * data.num_clients,
+                                            data.max_length, vocab, 4)
         labels = tuple(f"class_{i}" for i in range(4))
     else:
         from fedlora_jax.data.loaders import load_classification
@@ -99,37 +108,121 @@ def build(cfg: config_lib.RunConfig) -> Setup:
                                            num_labels=len(labels)),
                                 rngs=nnx.Rngs(cfg.federation.seed))
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
+    strategies.get_strategy(cfg.strategy).adapt_model(model)
     pool = ClientPool.from_partition(train, clients)
     parts = split_model(model)
+    profile, workload = make_profile(cfg, pool.num_clients), make_workload(cfg, parts)
     engine = FederatedEngine(parts, pool, get_loss("classification"),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
                              server_optimizer=cfg.server_optimizer, federation=cfg.federation,
-                             clock=make_clock(cfg, parts, pool.num_clients))
-    return Setup(engine, heldout, labels, description)
+                             clock=make_clock(cfg, profile, workload))
+    return Setup(engine, heldout, labels, description, profile, workload)
 
 
-def make_clock(cfg: config_lib.RunConfig, parts, num_clients: int):
-    """The simulated wall-clock of a round (:func:`wireless.round_time`) for this model and work.
+def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.SystemProfile:
+    """The clients' compute speeds, transmit powers and channel gains, drawn from the run's seed."""
+    return wireless.generate_profile(jax.random.key(cfg.federation.seed + 2), num_clients,
+                                     cfg.system)
+
+
+def make_workload(cfg: config_lib.RunConfig, parts) -> wireless.WorkloadModel:
+    """Per-client work of a round for this model, shared by the clock and the strategies' solver.
 
     FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul); the
-    payload is the LoRA factors, scaled by each client's ``k/r``.
+    payload is the LoRA factors (scaled by each client's ``k/r`` in the time model).
     """
     base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
                       if not any("embed" in str(p) for p in path))
     lora_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.trainable)
                       if path[-1] in ("lora_a", "lora_b"))
-    workload = wireless.workload_from_counts(
+    return wireless.workload_from_counts(
         base_params, lora_params, cfg.client.batch_size * cfg.data.max_length, cfg.client.local_steps)
-    profile = wireless.generate_profile(jax.random.key(cfg.federation.seed + 2), num_clients,
-                                        cfg.system)
+
+
+def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
+               workload: wireless.WorkloadModel):
+    """The simulated wall-clock of a round (:func:`wireless.round_time`): ``(mask, k) -> times``."""
     rank = cfg.lora.rank
     adaptive = cfg.bandwidth_allocation == "adaptive"
     return jax.jit(lambda mask, k: wireless.round_time(profile, cfg.system, workload, mask, k / rank,
                                                        adaptive=adaptive))
 
 
-def train(cfg: config_lib.RunConfig, *, progress: bool = True, log=print) -> list[dict]:
-    """Runs ``cfg`` and writes ``config.json`` and ``metrics.jsonl`` to ``cfg.output_dir``."""
+def allocation_record(setup: Setup, plan: strategies.Plan, system: wireless.SystemConfig
+                      ) -> dict[str, list[float]]:
+    """Per-client ``q``, ``rho = k/r`` of ``plan`` and the clients' resources (compute speed,
+    ``p h / N0``), for :func:`metrics.plot_allocation`."""
+    profile = setup.profile
+    snr = profile.power_w * profile.gain / system.noise_w_per_hz
+    return {"q": np.asarray(plan.q).tolist(), "rho": (plan.k / setup.engine.rank).tolist(),
+            "flops_per_s": np.asarray(profile.flops_per_s).tolist(),
+            "snr_hz": np.asarray(snr).tolist()}
+
+
+def strategy_context(cfg: config_lib.RunConfig, setup: Setup) -> strategies.Context:
+    """What the run's strategy may know: sizes, data weights, network and workload."""
+    engine = setup.engine
+    return strategies.Context(
+        rank=engine.rank, q_default=min(1.0, cfg.federation.participants / engine.num_clients),
+        sketch_ratio=cfg.federation.sketch_ratio, weights=np.asarray(engine.pool.weights),
+        profile=setup.profile, system=cfg.system, workload=setup.workload)
+
+
+PROGRESS_MODES = ("bar", "jsonl", "none")
+
+
+@contextlib.contextmanager
+def progress_reporter(mode: str, total: int, initial: int):
+    """Yields ``report(row)``, called once per round: a tqdm bar (rounds, simulated clock,
+    participants, loss, accuracy, ETA), a JSON line on stdout, or nothing."""
+    if mode == "bar":
+        last_eval = {}  # held-out accuracy stays shown between evaluations
+        with tqdm(total=total, initial=initial, unit="round", desc="federated") as bar:
+            def report(row: dict) -> None:
+                last_eval.update({k: row[k] for k in ("eval_accuracy",) if k in row})
+                bar.set_postfix(_postfix(row | last_eval), refresh=False)
+                bar.update()
+            yield report
+    elif mode == "jsonl":
+        yield lambda row: print(json.dumps({"event": "round", "total_rounds": total, **row}),
+                                flush=True)
+    elif mode == "none":
+        yield lambda row: None
+    else:
+        raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {mode!r}.")
+
+
+def _postfix(row: dict) -> dict[str, str]:
+    names = {"sim_clock_s": "sim_s", "participants": "P", "train_loss": "loss",
+             "train_accuracy": "acc", "eval_accuracy": "eval_acc"}
+    return {short: f"{row[key]:.4g}" for key, short in names.items()
+            if key in row and np.isfinite(row[key])}
+
+
+def _round_row(r: int, state, result, elapsed_s: float) -> dict:
+    return {"round": r, "participants": int(result.participants.size),
+            "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
+            "uplink_params": result.uplink_params, "sim_clock_s": float(state.clock),
+            **{f"round_{name}_s": t for name, t in result.times.items()},
+            "elapsed_s": elapsed_s}
+
+
+def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
+          resume: bool = False) -> list[dict]:
+    """Runs ``cfg``; writes ``config.json``, ``allocation.json``, ``metrics.jsonl`` and
+    ``checkpoints/`` to ``cfg.output_dir`` and returns the metrics rows.
+
+    Checkpoints are saved every ``cfg.checkpoint_every`` rounds, after the last round, and on
+    Ctrl-C (then the ``KeyboardInterrupt`` propagates). ``resume=True`` restores the latest
+    checkpoint, truncates ``metrics.jsonl`` to its round and continues exactly as an uninterrupted
+    run would.
+
+    Before each round the run's strategy (``cfg.strategy``) gives the clients' ``q`` and ``k``
+    when it is due to plan; after it, the round's update norms refine the strategy's estimates
+    (checkpointed with the plan in use, so a resumed run plans as the uninterrupted one).
+    """
+    cfg = strategies.configure(cfg)
+    strategy = strategies.get_strategy(cfg.strategy)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -137,29 +230,72 @@ def train(cfg: config_lib.RunConfig, *, progress: bool = True, log=print) -> lis
     engine = setup.engine
     log(f"model: {setup.description}; clients: {engine.num_clients}; "
         f"held-out examples: {len(setup.heldout['labels'])}; classes: {len(setup.label_names)}")
-    state = engine.init()
-    history = [{"round": 0, **_prefixed(engine.evaluate(state, setup.heldout), "eval_")}]
-    start = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as f, tqdm(total=cfg.federation.rounds, disable=not progress,
-                                                     unit="round", desc="federated") as bar:
-        f.write(json.dumps(history[0]) + "\n")
-        for r in range(1, cfg.federation.rounds + 1):
-            state, result = engine.run_round(state)
-            row = {"round": r, "participants": int(result.participants.size),
-                   "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
-                   "uplink_params": result.uplink_params, "sim_clock_s": float(state.clock),
-                   **{f"round_{name}_s": t for name, t in result.times.items()},
-                   "elapsed_s": time.perf_counter() - start}
-            if r % cfg.eval_every == 0 or r == cfg.federation.rounds:
-                row.update(_prefixed(engine.evaluate(state, setup.heldout), "eval_"))
-            history.append(row)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "eval_accuracy") if k in row
-                             and np.isfinite(row[k])} | {"P": row["participants"]})
-            bar.update()
+    metrics_path = out / metrics_lib.METRICS_FILE
+    ctx = strategy_context(cfg, setup)
+    if not resume:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    with checkpoint.Checkpointer(out / CHECKPOINT_DIR) as checkpoints:
+        fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
+        if resume:
+            state, host, meta = checkpoints.restore(fresh[0], _host_tree(*fresh[1:]))
+            (est, plan), elapsed = _from_host_tree(host), meta["elapsed_s"]
+            history = metrics_lib.truncate(metrics_path, int(state.round))
+            log(f"resumed from the checkpoint of round {int(state.round)}")
+        else:
+            (state, est, plan), elapsed = fresh, 0.0
+            history = [{"round": 0, "sim_clock_s": 0.0,
+                        **_prefixed(engine.evaluate(state, setup.heldout), "eval_")}]
+            metrics_path.write_text(json.dumps(history[0]) + "\n")
+        clock_start = time.perf_counter() - elapsed
+        rounds, every = cfg.federation.rounds, cfg.checkpoint_every
+        with open(metrics_path, "a") as f, progress_reporter(progress, rounds,
+                                                             int(state.round)) as report:
+            try:
+                for r in range(int(state.round) + 1, rounds + 1):
+                    if strategy.due(r):
+                        plan = strategy.plan(r, ctx, est)
+                    before = jax.device_get(state.trainable)
+                    new_state, result = engine.run_round(state, plan.q, plan.k)
+                    est = strategies.observe(est, ctx, plan, result.participants,
+                                             result.update_sq_norms,
+                                             strategies.tree_sq_norm(new_state.trainable, before))
+                    row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
+                    row.update(expected_participants=float(plan.q.sum()),
+                               mean_rank=float(plan.k.mean()), est_signal=est.signal,
+                               est_g2_mean=float(est.g2.mean()))
+                    if r % cfg.eval_every == 0 or r == rounds:
+                        row.update(_prefixed(engine.evaluate(new_state, setup.heldout), "eval_"))
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    history.append(row)
+                    state = new_state
+                    report(row)
+                    if (every and r % every == 0) or r == rounds:
+                        checkpoints.save(state, _host_tree(est, plan), elapsed_s=row["elapsed_s"])
+            except KeyboardInterrupt:
+                if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
+                    checkpoints.save(state, _host_tree(est, plan),
+                                     elapsed_s=time.perf_counter() - clock_start)
+                log(f"interrupted: resume from the checkpoint of round "
+                    f"{checkpoints.latest_round()} with 'fedlora-jax run --resume --output-dir {out}'")
+                raise
+    (out / metrics_lib.ALLOCATION_FILE).write_text(json.dumps(allocation_record(setup, plan, cfg.system)))
     log(summary(history))
     return history
+
+
+def _host_tree(est: strategies.Estimates, plan: strategies.Plan) -> dict:
+    """The strategy's estimates and current plan as a pytree of arrays, for the checkpoint."""
+    return jax.tree.map(np.asarray, {"estimates": dataclasses.asdict(est),
+                                     "plan": plan._asdict()})
+
+
+def _from_host_tree(tree: dict) -> tuple[strategies.Estimates, strategies.Plan]:
+    e = tree["estimates"]
+    est = strategies.Estimates(theory.GradNormState(**{k: jnp.asarray(v) for k, v in
+                                                       e["grad_norms"].items()}),
+                               float(e["signal"]), int(e["reports"]))
+    return est, strategies.Plan(**tree["plan"])
 
 
 def _prefixed(metrics: dict, prefix: str) -> dict:
@@ -179,6 +315,6 @@ def summary(history: list[dict]) -> str:
         f"  participants / round   mean {participants.mean():.1f}, min {participants.min()}, "
         f"max {participants.max()}",
         f"  uplink volume          {uplink / 1e6:.2f} M parameters ({uplink * 4 / 2**20:.1f} MiB fp32)",
-        f"  simulated wall-clock   {last.get('sim_clock_s', 0.0):.1f} s (compute + upload, "
+        f"  simulated wall-clock   {last.get('sim_clock_s', 0.0):.4g} s (compute + upload, "
         "adaptive bandwidth)" if rounds else "",
         f"  wall time              {last.get('elapsed_s', 0.0):.1f} s"])

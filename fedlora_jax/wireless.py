@@ -301,46 +301,88 @@ def client_times(profile: SystemProfile, sys: SystemConfig, workload: WorkloadMo
 _SERIES_BELOW = 0.01  # below, h(u)/u = sum_k (-u)^k / (k + 2), 8 terms: error < 1e-16 relative
 
 
-def _h_over_u_series(u: jax.Array) -> jax.Array:
-    acc = jnp.zeros_like(u)
+def _h_over_u_series(u, xp=jnp):
+    acc = xp.zeros_like(u)
     for k in reversed(range(8)):
         acc = acc * (-u) + 1.0 / (k + 2)
     return acc
 
 
-def _log_h_terms(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(log h, log(1 - h))`` at ``u = exp(w)``, both without cancellation."""
-    u = jnp.exp(w)
+def _log_h_terms(w, xp=jnp):
+    """``(log h, log(1 - h))`` at ``u = exp(w)``, both without cancellation (``xp``: jnp or np)."""
+    u = xp.exp(w)
     small = u < _SERIES_BELOW
-    us, ul, wl = jnp.where(small, u, 0.0), jnp.where(small, 1.0, u), jnp.where(small, 0.0, w)
-    poly = _h_over_u_series(us)
-    ratio = jnp.log1p(ul) / ul  # = 1 - h for large u
-    log_h = jnp.where(small, w + jnp.log(poly), jnp.log1p(-ratio))
-    log_1mh = jnp.where(small, jnp.log1p(-us * poly), jnp.log(jnp.log1p(ul)) - wl)
+    us, ul, wl = xp.where(small, u, 0.0), xp.where(small, 1.0, u), xp.where(small, 0.0, w)
+    poly = _h_over_u_series(us, xp)
+    ratio = xp.log1p(ul) / ul  # = 1 - h for large u
+    log_h = xp.where(small, w + xp.log(poly), xp.log1p(-ratio))
+    log_1mh = xp.where(small, xp.log1p(-us * poly), xp.log(xp.log1p(ul)) - wl)
     return log_h, log_1mh
 
 
-def _logit_h(w: jax.Array) -> jax.Array:
-    log_h, log_1mh = _log_h_terms(w)
+def _logit_h(w, xp=jnp):
+    log_h, log_1mh = _log_h_terms(w, xp)
     return log_h - log_1mh
 
 
-@jax.custom_jvp
-def _log_snr_from_logit(t: jax.Array) -> jax.Array:
-    """Solve ``logit h(exp(w)) = t`` for ``w``: Newton from the two asymptotes (3 steps: < 1e-13)."""
+# The inverse w(t) of logit h(e^w) = t is one smooth universal curve: tabulated once (float64
+# Newton) on a uniform t-grid with its slope, read back by cubic Hermite interpolation (error
+# < 1e-9); outside, its asymptotes: w = t + log 2 below, the fixed point of w = t + log w above.
+_TABLE_T = (-30.0, 60.0, 1.0 / 16.0)  # first, last, spacing
+
+
+def _inverse_table() -> tuple[np.ndarray, np.ndarray]:
+    """``(w, dw/dt)`` on the grid ``_TABLE_T``, in float64 numpy (at import, a few ms)."""
+    t0, t1, dt = _TABLE_T
+    t = np.arange(t0, t1 + dt / 2, dt)
+    w = t + np.log(2.0 + np.maximum(t, 0.0))  # the two asymptotes: h ~ u/2; logit h ~ w - log w
+    for _ in range(40):
+        u = np.exp(w)
+        log_h, log_1mh = _log_h_terms(w, np)
+        h = np.exp(log_h)
+        ratio = np.log1p(u) / u
+        # d logit h / dw = (1 - u / ((1 + u) log1p u)) / h, with the series' limit (1) for small u.
+        dphi = np.where(u < 1e-6, 1.0 - u / 6.0, (1.0 - 1.0 / ((1.0 + u) * ratio)) / h)
+        w = w - (log_h - log_1mh - t) / dphi
+    return w, 1.0 / dphi
+
+
+def _hermite_coefficients() -> np.ndarray:
+    """Per table interval, the cubic ``c0 + c1 x + c2 x^2 + c3 x^3`` in ``x`` in [0, 1], (M, 4)."""
+    w, dw = _inverse_table()
+    d = dw * _TABLE_T[2]
+    w0, w1, d0, d1 = w[:-1], w[1:], d[:-1], d[1:]
+    return np.stack([w0, d0, 3 * (w1 - w0) - 2 * d0 - d1, 2 * (w0 - w1) + d0 + d1], axis=1)
+
+
+_TABLE_COEF = _hermite_coefficients()
+
+
+def _log_snr_table(t: jax.Array) -> jax.Array:
+    """``w(t)`` by cubic Hermite interpolation in the table, asymptotes outside."""
+    t0, t1, dt = _TABLE_T
+    coef = jnp.asarray(_TABLE_COEF, t.dtype)
+    s = (jnp.clip(t, t0, t1) - t0) / dt
+    i = jnp.clip(jnp.floor(s).astype(jnp.int32), 0, coef.shape[0] - 1)
+    x = s - i
+    c0, c1, c2, c3 = (coef[:, k].at[i].get(mode="promise_in_bounds") for k in range(4))
+    inside = c0 + x * (c1 + x * (c2 + x * c3))
+    below = coef[0, 0] + (jnp.minimum(t, t0) - t0)  # slope 1 to < 1e-13 there
+    t_up = jnp.maximum(t, t1)
+    slope_up = (coef[-1, 1] + 2 * coef[-1, 2] + 3 * coef[-1, 3]) / dt
+    above = t_up + jnp.log(t_up + jnp.log(coef[-1].sum() + slope_up * (t_up - t1)))  # 2 steps of w = t + log w
+    return jnp.where(t < t0, below, jnp.where(t > t1, above, inside))
+
+
+def _log_snr_from_logit(t: jax.Array, newton_steps: int = 1) -> jax.Array:
+    """Solve ``logit h(exp(w)) = t`` for ``w``: the table, then Newton steps (1: float64 round-off).
+
+    Differentiable: the table's slope is ``dw/dt`` to < 1e-7, and the Newton steps refine it.
+    """
     def newton(_, w):
         f, df = jax.jvp(_logit_h, (w,), (jnp.ones_like(w),))
         return w - (f - t) / df
-    w0 = t + jnp.log(2.0 + jnp.maximum(t, 0.0))  # small u: h ~ u/2; large u: logit h ~ w - log w
-    return jax.lax.fori_loop(0, 3, newton, w0)
-
-
-@_log_snr_from_logit.defjvp
-def _log_snr_from_logit_jvp(primals, tangents):
-    (t,), (t_dot,) = primals, tangents
-    w = _log_snr_from_logit(t)
-    _, dphi = jax.jvp(_logit_h, (w,), (jnp.ones_like(w),))
-    return w, t_dot / dphi  # implicit function theorem
+    return jax.lax.fori_loop(0, newton_steps, newton, _log_snr_table(t))
 
 
 def upload_excess(times: ClientTimes, bandwidth: jax.Array) -> jax.Array:
@@ -354,14 +396,15 @@ def upload_time(times: ClientTimes, bandwidth: jax.Array) -> jax.Array:
     return times.upload_floor + upload_excess(times, bandwidth)
 
 
-def bandwidth_for_slack(times: ClientTimes, slack: jax.Array) -> jax.Array:
+def bandwidth_for_slack(times: ClientTimes, slack: jax.Array, newton_steps: int = 1) -> jax.Array:
     """Bandwidth with which the client finishes ``slack = T - T_min > 0`` seconds above its floor.
 
-    The inverse of :func:`upload_excess`; ``+inf`` where ``slack <= 0``.
+    The inverse of :func:`upload_excess`; ``+inf`` where ``slack <= 0``. ``newton_steps = 0`` reads
+    the table only (relative error < 1e-8: enough in float32, and about twice as fast).
     """
     positive = slack > 0
     safe = jnp.where(positive, slack, 1.0)
-    w = _log_snr_from_logit(jnp.log(safe) - jnp.log(times.upload_floor))
+    w = _log_snr_from_logit(jnp.log(safe) - jnp.log(times.upload_floor), newton_steps)
     return jnp.where(positive, times.snr_bw * jnp.exp(-w), jnp.inf)
 
 
@@ -505,7 +548,22 @@ def _normal_cdf(z: jax.Array) -> jax.Array:
     return 0.5 * jax.scipy.special.erfc(-z / jnp.sqrt(2.0))
 
 
-def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array) -> jax.Array:
+def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
+               newton_steps: int) -> tuple[jax.Array, jax.Array]:
+    """``(log A, z)`` with ``P(T <= tau) ~ A Phi(z)``: ``A`` the probability that every client whose
+    demand alone overflows the band is absent, ``z`` the others' standardized slack in the band."""
+    slack = tau - times.floor
+    b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
+                  / bandwidth_hz, jnp.inf)
+    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
+    b = jnp.where(feasible, b, 0.0)
+    log_absent = jnp.sum(jnp.where(feasible, 0.0, jnp.log1p(-q)))
+    z = (1.0 - jnp.sum(q * b)) / jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
+    return log_absent, z
+
+
+def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
+                          newton_steps: int = 1) -> jax.Array:
     """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
 
     ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``; clients whose floor is at or above ``tau``
@@ -513,34 +571,86 @@ def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
     are summed as a normal law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. The normal
     law jumps where a demand crosses ``Bw``: small jumps, but see docs/method.md on gradients.
     """
-    slack = tau - times.floor
-    b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0)) / bandwidth_hz, jnp.inf)
-    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
-    b = jnp.where(feasible, b, 0.0)
-    absent = jnp.prod(jnp.where(feasible, 1.0, 1.0 - q))
-    mean = jnp.sum(q * b)
-    var = jnp.sum(q * (1.0 - q) * b * b)
-    z = (1.0 - mean) / jnp.sqrt(var + 1e-12)
-    return absent * _normal_cdf(z)
+    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps)
+    return jnp.exp(log_absent) * _normal_cdf(z)
 
 
-def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, num_points: int = 64,
-                               tail: float = 1e-4, iters: int = 60) -> jax.Array:
-    """``E[T] = int_0^inf (1 - P(T <= tau)) dtau`` with the normal-approximation CDF ``F``.
+def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array) -> jax.Array:
+    """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation (to
+    ``|z| ~ 13`` in float32; beyond, +-inf, which the caller clips)."""
+    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, 0)
+    absent = jnp.exp(log_absent)
+    return log_absent + jnp.log(_normal_cdf(z)) - jnp.log(-jnp.expm1(log_absent) + absent * _normal_cdf(-z))
 
-    Exact facts bound the support: below the smallest floor only the empty round (probability
-    ``P0 = prod (1 - q)``) has finished, and every round has by the full set's equal-split time.
-    Bisection narrows it to where ``F`` rises from ``P0 + tail`` to ``1 - tail`` (nodes without
-    gradient: the integrand is flat outside), and the trapezoid rule on ``num_points`` nodes
-    integrates between. Smooth in ``q`` and ``rho``; exact as ``q -> 1``.
+
+def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, f_lo: jax.Array,
+              f_hi: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+    """Bracket ``[lo, hi]`` of the root of a decreasing ``fn`` (``f_lo >= 0 >= f_hi``) after
+    ``iters`` steps of regula falsi with the Illinois rule (superlinear on smooth ``fn``)."""
+    def body(_, c):
+        lo, hi, f_lo, f_hi, last = c
+        x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        x = jnp.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
+        fx = fn(x)
+        right = fx > 0  # the root lies right of x
+        f_lo, f_hi = (jnp.where(~right & (last == -1), 0.5 * f_lo, f_lo),
+                      jnp.where(right & (last == 1), 0.5 * f_hi, f_hi))  # the Illinois halving
+        return (jnp.where(right, x, lo), jnp.where(right, hi, x), jnp.where(right, fx, f_lo),
+                jnp.where(right, f_hi, fx), jnp.where(right, 1, -1))
+    lo, hi, _, _, _ = jax.lax.fori_loop(0, iters, body, (lo, hi, f_lo, f_hi, 0))
+    return lo, hi
+
+
+_LOG_ODDS_CLIP = 30.0  # beyond float32's reach; keeps regula falsi's secants finite
+
+
+def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
+             iters: int) -> tuple[jax.Array, jax.Array]:
+    """A range ``[a, b]`` of ``tau`` where ``F`` rises from ``p0 + tail`` to ``1 - tail`` (``p0``:
+    the probability of the empty round) (regula falsi in the log-odds of ``F`` over ``log(tau - lo)``).
+
+    Exact facts bound it: below the smallest floor ``lo`` only the empty round has finished, and
+    every round has by the full set's equal-split time. The outer ends of the two brackets are
+    returned, so the range errs on the wide side. No gradient: the integrand is flat outside.
     """
-    cdf = lambda tau: round_time_cdf_normal(times, q, bandwidth_hz, tau)
+    times, q = jax.lax.stop_gradient((times, q))
     p0 = jnp.prod(1.0 - q)
     lo = jnp.min(times.floor)
-    hi = equal_round_time(times, jnp.ones(q.shape, bool), bandwidth_hz)
-    levels = jax.lax.stop_gradient(jnp.stack([p0 + tail, 1.0 - tail]))
-    a, b = jax.lax.stop_gradient(jax.vmap(
-        lambda level: _bisect_decreasing(lambda t: level - cdf(t), lo, hi, iters))(levels))
-    x = jnp.linspace(0.0, 1.0, num_points, dtype=lo.dtype)
-    survival = 1.0 - jax.vmap(cdf)(a + (b - a) * x)
-    return (1.0 - p0) * a + (b - a) * jnp.sum(0.5 * (survival[1:] + survival[:-1]) * jnp.diff(x))
+    width = equal_round_time(times, jnp.ones(q.shape, bool), bandwidth_hz) - lo
+    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s)),
+                              -_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
+    s_lo, s_hi = jnp.log(width) + jnp.log(jnp.finfo(width.dtype).eps), jnp.log(width)
+    o_lo, o_hi = odds(s_lo), odds(s_hi)
+    levels = jnp.stack([p0 + tail, 1.0 - tail])
+    target = jnp.log(levels) - jnp.log1p(-levels)
+
+    def bracket(t):
+        return _illinois(lambda s: t - odds(s), s_lo, s_hi, t - o_lo, t - o_hi, iters)
+    los, his = jax.vmap(bracket)(target)
+    return lo + jnp.exp(los[0]), lo + jnp.exp(his[1])
+
+
+def _gauss_legendre(num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [0, 1]."""
+    x, w = np.polynomial.legendre.leggauss(num_points)
+    return 0.5 * (x + 1.0), 0.5 * w
+
+
+def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, num_points: int = 24,
+                               tail: float = 1e-4, iters: int = 12) -> jax.Array:
+    """``E[T] = int_0^inf (1 - P(T <= tau)) dtau`` with the normal-approximation CDF ``F``.
+
+    ``(1 - p0) a + int_a^b (1 - F)``: :func:`_support` finds ``[a, b]`` (``iters`` regula falsi
+    steps), and Gauss-Legendre on ``num_points`` nodes integrates it, the inverse rate law read from
+    its table. Smooth in ``q`` and ``rho``; exact as ``q -> 1``.
+    """
+    a, b = _support(times, q, bandwidth_hz, tail, iters)
+    x, w = (jnp.asarray(v, a.dtype) for v in _gauss_legendre(num_points))
+
+    @jax.checkpoint  # one node at a time, recomputed in the backward pass: (N,) arrays stay in cache
+    def add_node(acc, node):
+        tau, weight = node
+        return acc + weight * (1.0 - round_time_cdf_normal(times, q, bandwidth_hz, tau, 0)), None
+
+    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (a + (b - a) * x, w))
+    return (1.0 - jnp.prod(1.0 - q)) * a + (b - a) * integral

@@ -13,14 +13,15 @@ from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
 
 
 def tiny_lora_model(rank: int = 4, seed: int = 0, task: str = "classification",
-                    modules_to_save=("classifier",), **kw):
+                    modules_to_save=("classifier",), dropout: float = 0.0, **kw):
     cfg = TinyConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, d_ff=32, max_len=16,
                      num_labels=3, task=task, **kw)
     model = TinyTransformer(cfg, rngs=nnx.Rngs(seed))
     if task == "causal_lm":
         modules_to_save = ()
     apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank, targets=("query", "value"),
-                                 modules_to_save=modules_to_save), rngs=nnx.Rngs(seed + 1))
+                                 modules_to_save=modules_to_save, dropout=dropout),
+               rngs=nnx.Rngs(seed + 1))
     return model
 
 

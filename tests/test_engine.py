@@ -1,5 +1,7 @@
 """The round engine against per-client Python references; compile once; bad input."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,10 +23,13 @@ OPT = OptimizerConfig("adamw", 1e-2, weight_decay=0.01)
 
 def _perturbed_parts(seed=0):
     """A split model whose B is non-zero, so every LoRA factor trains."""
-    parts = split_model(tiny_lora_model(rank=4, seed=seed))
+    return _perturbed_parts_of(split_model(tiny_lora_model(rank=4, seed=seed)), seed)
+
+
+def _perturbed_parts_of(parts, seed=0):
     trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed), x.shape),
                              parts.trainable)
-    return parts.__class__(parts.graphdef, parts.base, trainable, parts.sketch)
+    return dataclasses.replace(parts, trainable=trainable)
 
 
 def test_vmapped_chunk_equals_per_client_loop_with_mixed_k(pool):
@@ -70,7 +75,7 @@ def test_round_equals_python_reference(pool):
 
     @jax.jit
     def alone(n, k_n):  # one client, trained on its own, as a user's loop would
-        k_sketch, k_data = jax.random.split(jax.random.fold_in(k_train, n))
+        k_sketch, k_data, _ = jax.random.split(jax.random.fold_in(k_train, n), 3)
         sketch = draw_sketch(k_sketch, k_n, parts.sketch, shared_across_layers=False)
         batches = sample_batches(pool, n, k_data, 2, 4)
         return client_update(parts.graphdef, parts.base, parts.trainable, sketch, batches,
@@ -202,7 +207,29 @@ def test_rank_larger_than_layer_raises():
 def test_nan_training_is_reported(pool):
     parts = _perturbed_parts()
     bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), parts.trainable)
-    eng = FederatedEngine(parts.__class__(parts.graphdef, parts.base, bad, parts.sketch), pool,
+    eng = FederatedEngine(dataclasses.replace(parts, trainable=bad), pool,
                           classification_loss, federation=FederationConfig(sampling="full"))
     with pytest.raises(FloatingPointError, match="learning rate"):
         eng.run_round(eng.init())
+
+
+def test_lora_dropout_draws_per_client_and_step_and_is_off_for_evaluation(pool):
+    parts = _perturbed_parts_of(split_model(tiny_lora_model(rank=4, dropout=0.5)))
+    assert jax.tree.leaves(parts.rngs)
+    opt = make_optimizer(OptimizerConfig("sgd", 0.1))
+    batches = jax.tree.map(lambda x: jnp.stack([x[:8].reshape(2, 4, *x.shape[1:])] * 3),
+                           pool.examples)
+    sketches = jax.tree.map(lambda s: jnp.stack([s] * 3), parts.sketch)
+    keys = jnp.stack([jax.random.key(0), jax.random.key(0), jax.random.key(1)])
+    deltas, _ = jax.jit(lambda k: train_clients(
+        parts.graphdef, parts.base, parts.trainable, sketches, batches,
+        loss_fn=classification_loss, optimizer=opt, rngs=parts.rngs, keys=k))(keys)
+    same = lambda i, j: all(np.array_equal(x[i], x[j]) for x in jax.tree.leaves(deltas))
+    assert same(0, 1) and not same(0, 2)  # the key, not the position, decides the dropout
+    eng = FederatedEngine(parts, pool, classification_loss)
+    state = eng.init()
+    assert eng.evaluate(state, pool.examples) == eng.evaluate(state, pool.examples)
+    with pytest.raises(ValueError, match="PRNG key"):
+        client_update(parts.graphdef, parts.base, parts.trainable, parts.sketch,
+                      jax.tree.map(lambda x: x[0], batches), loss_fn=classification_loss,
+                      optimizer=opt, rngs=parts.rngs)

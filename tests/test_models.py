@@ -88,6 +88,12 @@ def test_minilm_checkpoint_parity():
     np.testing.assert_allclose(np.asarray(hidden)[valid], out.last_hidden_state.numpy()[valid],
                                atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), atol=TOL, rtol=0)
+    # its 1_Pooling/config.json declares mean pooling: the head reads the sentence embedding
+    assert info.config.pooling == "mean"
+    w = mask[..., None].astype(np.float32)
+    sentence = (out.last_hidden_state.numpy() * w).sum(1) / w.sum(1)
+    expected = sentence @ np.asarray(model.classifier.kernel[...]) + np.asarray(model.classifier.bias[...])
+    np.testing.assert_allclose(np.asarray(jax.jit(model)(ids, mask)), expected, atol=TOL, rtol=0)
 
 
 def test_sharded_checkpoint(tmp_path):

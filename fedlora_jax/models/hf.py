@@ -156,6 +156,12 @@ def _init_missing(shape: tuple[int, ...], leaf: str, std: float, key: jax.Array)
     return std * jax.random.normal(key, shape)
 
 
+def _mean_pooled(directory: Path) -> bool:
+    """Whether a sentence-transformers checkpoint declares mean pooling (``1_Pooling/config.json``)."""
+    file = directory / "1_Pooling" / "config.json"
+    return file.is_file() and bool(json.loads(file.read_text()).get("pooling_mode_mean_tokens"))
+
+
 def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: int | None = None,
                     dtype: jnp.dtype = jnp.float32, seed: int = 0):
     """Loads a local HF model directory -> ``(model, tokenizer, info)``.
@@ -175,6 +181,8 @@ def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: in
                          f"available: {sorted(arch.models)}.")
     hf_config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     config = arch.config(hf_config, num_labels=num_labels)
+    if _mean_pooled(directory) and hasattr(config, "pooling"):
+        config = dataclasses.replace(config, pooling="mean")
     model_cls = arch.models[task]
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

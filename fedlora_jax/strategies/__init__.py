@@ -1,0 +1,86 @@
+"""Federated LoRA strategies: one small module each over shared primitives (:mod:`.base`).
+
+``get_strategy(name)`` returns a registered strategy; ``configure(cfg)`` applies the settings the
+run's strategy pins and rejects those that contradict it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from fedlora_jax.strategies.adaptive import Adaptive
+from fedlora_jax.strategies.base import (Context, Estimates, Plan, Strategy, init_estimates,
+                                         observe, tree_sq_norm)
+from fedlora_jax.strategies.fedit import FedIT
+from fedlora_jax.strategies.ffa import FFALoRA
+from fedlora_jax.strategies.fixed import Fixed
+from fedlora_jax.strategies.fslora import FSLoRA
+from fedlora_jax.strategies.full import Full
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Fixed(), FedIT(), FFALoRA(), Full(), FSLoRA(), Adaptive(),
+    Adaptive(name="luo", sampling_only=True),
+    Adaptive(name="adaptive_sketch_only", sketch_only=True),
+    Adaptive(name="adaptive_equal_bw", bandwidth="equal"),
+)}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The registered strategy ``name``; an unknown name lists the valid ones."""
+    if name not in STRATEGIES:
+        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown strategy {name!r}.{hint} Valid strategies: "
+                         f"{', '.join(STRATEGIES)}.")
+    return STRATEGIES[name]
+
+
+def _get(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _default(cls, path: str):
+    """The declared default of a dotted setting, read from the dataclass fields."""
+    head, _, rest = path.partition(".")
+    field = next(f for f in dataclasses.fields(cls) if f.name == head)
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return _get(value, rest) if rest else value
+
+
+def _replace(cfg, path: str, value):
+    head, _, rest = path.partition(".")
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value)
+                                       if rest else value})
+
+
+def contradictions(strategy: Strategy, cfg) -> list[str]:
+    """Why ``cfg`` contradicts ``strategy``: settings changed from their default to another value
+    than the strategy's."""
+    reasons = []
+    for path, (value, why) in strategy.settings().items():
+        current, default = _get(cfg, path), _default(type(cfg), path)
+        if current != default and (value is None or current != value):
+            wanted = "leave it unset" if value is None else f"it uses {value!r}"
+            reasons.append(f"{path}={current!r} contradicts strategy {strategy.name!r}: {why} "
+                           f"({wanted}).")
+    return reasons
+
+
+def configure(cfg, strategy: Strategy | None = None):
+    """``cfg`` with its strategy's pinned settings applied; ValueError on a contradiction."""
+    strategy = strategy or get_strategy(cfg.strategy)
+    reasons = contradictions(strategy, cfg)
+    if reasons:
+        raise ValueError(" ".join(reasons))
+    for path, (value, _) in strategy.settings().items():
+        if value is not None:
+            cfg = _replace(cfg, path, value)
+    return cfg
+
+
+__all__ = ["Adaptive", "Context", "Estimates", "FFALoRA", "FSLoRA", "FedIT", "Fixed", "Full", "Plan",
+           "STRATEGIES", "Strategy", "configure", "contradictions", "get_strategy",
+           "init_estimates", "observe", "tree_sq_norm"]

@@ -1,0 +1,236 @@
+"""The same federated work in PyTorch + PEFT (a sequential loop over clients) and in fedlora_jax.
+
+Per round, C clients each load the global adapter, take H AdamW steps on batches of 8 x 64 tokens
+with LoRA r=16 on query/value (+ the classifier head) and return their update, as FSLoRA and
+OpenFedLLM do it in PyTorch; fedlora_jax runs the same round as one compiled, vmapped chunk
+(optionally a compiled loop over vmapped blocks, ``block_size``). Both sides run the same model:
+the MiniLM-L6 checkpoint, and a tiny 2-layer d=64 BERT saved once by ``transformers`` and loaded by
+both. torch runs with one thread per core and with one thread, and keeps the faster.
+``peak_gflops`` is the best fp32 matmul rate measured in this process (JAX or torch);
+``achieved_gflops`` counts XLA's FLOPs of one local step (forward + backward) times C x H over
+the measured round time. Ratios are measured in one process on one machine.
+
+    python benchmarks/vs_pytorch.py --quick --json vs_pytorch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from fedlora_jax.client import ClientConfig, split_model
+from fedlora_jax.data.builtin import minilm_path
+from fedlora_jax.data.pool import ClientPool
+from fedlora_jax.engine import FederatedEngine, FederationConfig
+from fedlora_jax.lora import TRAINABLE, LoRAConfig, apply_lora
+from fedlora_jax.models.hf import load_pretrained
+from fedlora_jax.optim import OptimizerConfig
+from fedlora_jax.tasks import classification_loss
+
+RANK, BATCH, SEQ, LABELS, LR = 16, 8, 64, 4, 1e-4
+TINY = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=SEQ, num_labels=LABELS)
+
+
+def model_dirs(tmp: str) -> dict[str, str]:
+    """The two checkpoints both frameworks load: MiniLM-L6 and a tiny BERT saved here."""
+    torch.manual_seed(0)
+    tiny = os.path.join(tmp, "tiny-bert-d64")
+    transformers.BertForSequenceClassification(TINY).save_pretrained(tiny)
+    return {"minilm-l6": str(minilm_path()), "tiny-d64": tiny}
+
+
+def client_batches(vocab: int, clients: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (clients, steps, BATCH, SEQ)
+    return {"input_ids": rng.integers(1000 if vocab > 2000 else 1, vocab, shape).astype(np.int32),
+            "attention_mask": np.ones(shape, np.int32),
+            "labels": rng.integers(0, LABELS, shape[:3]).astype(np.int32)}
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm up (compiles)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best fp32 n x n matmul rate of JAX (XLA:CPU) and of torch on this machine."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    t_jax = best_time(lambda: mm(a).block_until_ready(), repeats)
+    b = torch.randn(n, n)
+    t_torch = best_time(lambda: b @ b, repeats)
+    flops = 2 * n**3 / 1e9
+    return {"jax": flops / t_jax, "torch": flops / t_torch}
+
+
+class TorchFederation:
+    """The PyTorch + PEFT reference: clients trained one after another from the global adapter."""
+
+    def __init__(self, path: str):
+        import peft
+
+        model = transformers.BertForSequenceClassification.from_pretrained(
+            path, num_labels=LABELS, local_files_only=True)
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
+                              target_modules=["query", "value"])
+        self.peft = peft
+        self.model = peft.get_peft_model(model, cfg).train()
+        self.global_state = {k: v.clone() for k, v in
+                             peft.get_peft_model_state_dict(self.model).items()}
+
+    def round(self, batches: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        data = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batches.items()}
+        total = {k: torch.zeros_like(v) for k, v in self.global_state.items()}
+        for c in range(data["labels"].shape[0]):
+            self.peft.set_peft_model_state_dict(self.model, self.global_state)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+            for h in range(data["labels"].shape[1]):
+                out = self.model(input_ids=data["input_ids"][c, h],
+                                 attention_mask=data["attention_mask"][c, h],
+                                 labels=data["labels"][c, h])
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            trained = self.peft.get_peft_model_state_dict(self.model)
+            for k in total:
+                total[k] += trained[k].detach() - self.global_state[k]
+        return total
+
+
+def torch_time(reference: TorchFederation, batches: dict[str, np.ndarray], repeats: int
+               ) -> tuple[float, int]:
+    """torch's best round time and its thread count: one thread per core, and one thread (on a
+    shared, loaded machine torch's OpenMP threads can stall each other; torch gets the better)."""
+    cores = os.cpu_count() or 1
+    times = []
+    for threads in sorted({cores, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        times.append((best_time(lambda: reference.round(batches), repeats), threads))
+    torch.set_num_threads(cores)
+    return min(times)
+
+
+def jax_model(path: str):
+    model, _, _ = load_pretrained(path, task="classification", num_labels=LABELS)
+    apply_lora(model, LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("query", "value"),
+                                 modules_to_save=("classifier",)), rngs=nnx.Rngs(1))
+    return model
+
+
+def step_gflop(model, batch: dict[str, np.ndarray]) -> float:
+    """XLA's FLOP count of one local step's forward and backward pass (one client, one batch)."""
+    graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
+    grad = jax.jit(jax.grad(lambda t, b: classification_loss(nnx.merge(graphdef, t, rest), b)[0]))
+    cost = grad.lower(trainable, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) / 1e9
+
+
+def jax_engine(model, batches: dict[str, np.ndarray], steps: int,
+               block_size: int | None) -> FederatedEngine:
+    clients = batches["labels"].shape[0]
+    flat = {k: v.reshape(clients * steps * BATCH, *v.shape[3:]) for k, v in batches.items()}
+    pool = ClientPool.from_partition(flat, np.split(np.arange(clients * steps * BATCH), clients))
+    return FederatedEngine(split_model(model), pool, classification_loss,
+                           client=ClientConfig(steps, BATCH),
+                           client_optimizer=OptimizerConfig("adamw", LR),
+                           federation=FederationConfig(sampling="full", chunk_size=clients,
+                                                       block_size=block_size, devices=1))
+
+
+def measure(name: str, path: str, clients: int, steps: int, blocks: list[int | None],
+            repeats: int, peak: float) -> list[dict]:
+    reference = TorchFederation(path)
+    vocab = reference.model.config.vocab_size
+    batches = client_batches(vocab, clients, steps)
+    model = jax_model(path)
+    gflop = step_gflop(model, {k: v[0, 0] for k, v in batches.items()})
+    engines = {b: jax_engine(model, batches, steps, b) for b in blocks}
+    states = {b: eng.init() for b, eng in engines.items()}
+
+    def jax_round(b):
+        states[b], _ = engines[b].run_round(states[b])
+        jax.block_until_ready(states[b].trainable)
+
+    t_torch, threads = torch_time(reference, batches, repeats)
+    t_jax = {b: best_time(lambda b=b: jax_round(b), repeats) for b in blocks}
+    work = clients * steps
+    rows = []
+    for b, t in t_jax.items():
+        rows.append({"model": name, "clients": clients, "local_steps": steps, "batch": BATCH,
+                     "seq_len": SEQ, "rank": RANK, "block_size": b or clients,
+                     "torch_client_steps_per_s": work / t_torch,
+                     "jax_client_steps_per_s": work / t, "speedup": t_torch / t,
+                     "step_gflop": gflop, "achieved_gflops": gflop * work / t,
+                     "torch_achieved_gflops": gflop * work / t_torch, "torch_threads": threads,
+                     "peak_gflops": peak,
+                     "fraction_of_peak": gflop * work / t / peak})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one setting per model")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    if args.quick:
+        grid = {"minilm-l6": ([4], 2, [None, 1]), "tiny-d64": ([16], 4, [None, 8])}
+        repeats = 1
+    else:
+        grid = {"minilm-l6": ([8, 32], 4, [None, 1, 4]), "tiny-d64": ([32, 128], 8, [None, 8, 32])}
+        repeats = 3
+    peaks = matmul_peak_gflops()
+    peak = max(peaks.values())
+    print(f"fp32 matmul peak: jax {peaks['jax']:.1f} GFLOP/s, torch {peaks['torch']:.1f} GFLOP/s "
+          f"({cores} threads)")
+    print(f"{'model':<10} {'C':>4} {'H':>2} {'block':>5} {'torch st/s':>10} {'thr':>3} "
+          f"{'jax st/s':>9} "
+          f"{'speedup':>8} {'GFLOP/s':>8} {'of peak':>8}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in model_dirs(tmp).items():
+            clients_list, steps, blocks = grid[name]
+            for clients in clients_list:
+                for row in measure(name, path, clients, steps, blocks, repeats, peak):
+                    rows.append(row)
+                    print(f"{name:<10} {clients:>4} {steps:>2} {row['block_size']:>5} "
+                          f"{row['torch_client_steps_per_s']:>10.2f} {row['torch_threads']:>3} "
+                          f"{row['jax_client_steps_per_s']:>9.2f} {row['speedup']:>7.2f}x "
+                          f"{row['achieved_gflops']:>8.1f} {row['fraction_of_peak']:>8.0%}",
+                          flush=True)
+    meta = {"machine": platform.processor() or platform.machine(), "cores": cores,
+            "jax": jax.__version__, "torch": torch.__version__, "jax_matmul_gflops": peaks["jax"],
+            "torch_matmul_gflops": peaks["torch"],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for row in rows:
+        row.update(meta)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""``fedlora-jax sweep``: a grid of runs over clients, participants, network and sketch settings.
+
+Every grid point is one :func:`fedlora_jax.train.train` run of the base config (the ``tiny``
+preset with synthetic data by default) with the point's overrides and its own seed, derived from
+the point's settings, so a point's result does not depend on the rest of the grid. Each run writes
+``OUTPUT_DIR/points/POINT/result.json`` when it finishes; a rerun skips the points that have one
+(resumable). The table of all points goes to ``OUTPUT_DIR/sweep.csv`` and ``sweep.json``, the plot
+to ``sweep.png``. Every point's config is validated before the first run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import itertools
+import json
+import textwrap
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+EXAMPLE = textwrap.dedent("""\
+    examples:
+      fedlora-jax sweep --grid clients=100,10000,1000000 --rounds 2
+      fedlora-jax sweep --grid participants=4,16,64 --grid sketch_ratio=0.25,0.5,1
+      fedlora-jax sweep --grid bandwidth=1e6,10e6 --grid heterogeneity=0,0.5,1
+      fedlora-jax sweep --grid strategy=fixed,fslora,adaptive --grid participants=8,32
+      fedlora-jax sweep --preset default --grid sketch_ratio=0.25,1 --output-dir runs/sweep_minilm
+
+    Rerunning the same command skips the points already finished.""")
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """A grid key: the config setting it sets and how one value parses."""
+
+    path: str
+    parse: Callable[[str], object]
+    help: str
+
+
+def _int(text: str) -> int:
+    value = float(text)
+    if value != int(value):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(value)
+
+
+AXES: dict[str, Axis] = {
+    "clients": Axis("data.num_clients", _int, "registered clients N"),
+    "participants": Axis("federation.participants", float, "expected participants per round"),
+    "bandwidth": Axis("system.bandwidth_hz", float, "total uplink bandwidth (Hz)"),
+    "heterogeneity": Axis("system.flops_log_sigma", float,
+                          "std of log compute speed across clients (0: identical devices)"),
+    "sketch_ratio": Axis("federation.sketch_ratio", float, "kept fraction rho = k/r of the rank"),
+    "strategy": Axis("strategy", str, "a registered strategy (fedlora_jax.strategies)"),
+}
+
+DEFAULT_GRID = {"clients": "100,1000,10000,100000,1000000"}
+BASE_OVERRIDES = ("data.synthetic_per_client=2", "federation.rounds=5", "federation.chunk_size=8",
+                  "federation.participants=16")
+LOG_AXES = ("clients", "participants", "bandwidth")
+HELDOUT = 2048  # held-out examples per point, at most (the fraction shrinks as clients grow)
+COLUMNS = ("point", "seed", "rounds", "mean_participants", "final_eval_accuracy",
+           "final_eval_loss", "final_train_loss", "sim_clock_s", "uplink_params", "wall_s")
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["clients=100,1e6", ...]`` -> ``{"clients": [100, 1000000], ...}``; an unknown key names
+    the closest valid one."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise ValueError(f"--grid {item!r} must look like KEY=V1,V2,...")
+        if key not in AXES:
+            close = difflib.get_close_matches(key, list(AXES), n=1, cutoff=0.4)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown grid key {key!r}.{hint} Valid keys: {', '.join(AXES)}.")
+        if key in grid:
+            raise ValueError(f"Grid key {key!r} is given twice.")
+        try:
+            grid[key] = [AXES[key].parse(v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError as e:
+            raise ValueError(f"--grid {key}: {e}.") from None
+    return grid
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    """The cartesian product of the grid, in the order the keys were given."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict) -> str:
+    return "_".join(f"{k}={v}" for k, v in point.items())
+
+
+def point_seed(point: dict, base: int) -> int:
+    """A seed fixed by the point's settings (not by its position in the grid)."""
+    return (base + zlib.crc32(point_name(point).encode())) % 2**31
+
+
+def point_overrides(point: dict, seed: int, out: Path) -> list[str]:
+    overrides = [f"{AXES[k].path}={v}" for k, v in point.items()]
+    overrides += [f"federation.seed={seed}", f"output_dir={out}"]
+    return overrides
+
+
+def _cap_heldout(cfg):
+    """Synthetic data: at most :data:`HELDOUT` held-out examples, whatever the number of clients."""
+    total = cfg.data.num_clients * cfg.data.synthetic_per_client
+    fraction = min(cfg.data.heldout_fraction, HELDOUT / total)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, heldout_fraction=fraction))
+
+
+def plan(args) -> list[tuple[dict, object]]:
+    """Every point with its validated :class:`RunConfig`; raises before anything runs."""
+    from fedlora_jax.config import load_config
+
+    grid = parse_grid(args.grid or [f"{k}={v}" for k, v in DEFAULT_GRID.items()])
+    base = list(BASE_OVERRIDES) + ([f"federation.rounds={args.rounds}"] if args.rounds else [])
+    out = Path(args.output_dir) / "points"
+    planned = []
+    for point in points(grid):
+        overrides = (base + args.overrides +
+                     point_overrides(point, point_seed(point, args.seed), out / point_name(point)))
+        cfg = load_config(args.config, overrides, preset=args.preset)
+        planned.append((point, _cap_heldout(cfg) if cfg.data.source == "synthetic" else cfg))
+    return planned
+
+
+def run_point(point: dict, cfg) -> dict:
+    """Runs one point (or reads its finished result) and returns its table row."""
+    from fedlora_jax.train import train
+
+    result = Path(cfg.output_dir) / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    history = train(cfg, progress="none", log=lambda *_: None)
+    rounds = [h for h in history if "participants" in h]
+    last = history[-1]
+    row = {**point, "point": point_name(point), "seed": cfg.federation.seed, "rounds": len(rounds),
+           "mean_participants": sum(h["participants"] for h in rounds) / max(len(rounds), 1),
+           "final_eval_accuracy": last.get("eval_accuracy"),
+           "final_eval_loss": last.get("eval_loss"),
+           "final_train_loss": last.get("train_loss"), "sim_clock_s": last.get("sim_clock_s", 0.0),
+           "uplink_params": sum(h["uplink_params"] for h in rounds),
+           "wall_s": last.get("elapsed_s", 0.0)}
+    result.write_text(json.dumps(row))
+    return row
+
+
+def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
+    columns = keys + list(COLUMNS)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
+    """Final accuracy and simulated wall-clock against the first grid key, one line per setting of
+    the other keys."""
+    from fedlora_jax.metrics import _pyplot
+
+    plt = _pyplot()
+    x_key, others = keys[0], keys[1:]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for group, members in itertools.groupby(sorted(rows, key=lambda r: [str(r[k]) for k in others]),
+                                            key=lambda r: tuple(r[k] for k in others)):
+        members = sorted(members, key=lambda r: (isinstance(r[x_key], str), r[x_key]))
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, group)) or None
+        xs = [r[x_key] for r in members]
+        axes[0].plot(xs, [r["final_eval_accuracy"] for r in members], "o-", label=label)
+        axes[1].plot(xs, [r["sim_clock_s"] for r in members], "o-", label=label)
+    for ax, y in zip(axes, ("final held-out accuracy", "simulated wall-clock (s)")):
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(y)
+        if x_key in LOG_AXES:
+            ax.set_xscale("log")
+        if others:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def register(subparsers) -> None:
+    keys = "\n".join(f"  {k:<14} {a.help} ({a.path})" for k, a in AXES.items())
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of federated runs; one table and plot",
+        description="Runs every point of a grid (a cartesian product of --grid keys) as one "
+                    "federated run with its own seed; tiny model and synthetic data unless "
+                    f"--preset/--config/--set say otherwise.\n\ngrid keys:\n{keys}",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help=f"one grid axis (repeatable; default {DEFAULT_GRID})")
+    p.add_argument("--preset", default="tiny", help="base settings (default tiny)")
+    p.add_argument("--config", help="TOML, YAML or JSON file of base settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting of every point (repeatable)")
+    p.add_argument("--rounds", type=int, help="rounds per point (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each point derives its own")
+    p.add_argument("--output-dir", default="runs/sweep", help="default runs/sweep")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    planned = plan(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(planned[0][0])
+    rows = []
+    for i, (point, cfg) in enumerate(planned, 1):
+        done = (Path(cfg.output_dir) / "result.json").is_file()
+        print(f"[{i}/{len(planned)}] {point_name(point)}" + (" (done, skipped)" if done else ""),
+              flush=True)
+        rows.append(run_point(point, cfg))
+        write_table(rows, keys, out)  # the table is current after every point
+    plot(rows, keys, out / "sweep.png")
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+    return 0

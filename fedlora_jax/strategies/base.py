@@ -1,0 +1,143 @@
+"""What every strategy shares: the run it plans for, the estimates it learns from, its plan.
+
+A strategy is a frozen dataclass that chooses, before a round, each client's sampling probability
+``q_n`` and kept rank ``k_n`` (:class:`Plan`); it is asked again only on the rounds it says are
+:meth:`Strategy.due`. It also pins the run settings it defines (:meth:`Strategy.settings`: the
+sampling scheme, the sketch ratio, the bandwidth allocation); a setting the user changed from its
+default to something else is a contradiction, rejected with the strategy's reason.
+
+The estimates (:class:`Estimates`) are host-side and updated after every round by :func:`observe`:
+``G_n^2`` from the clients' update norms (:mod:`fedlora_jax.theory`) and the signal ``|g|^2``, the
+squared norm of the full-participation mean update, from the applied update ``|D|^2`` minus the
+predicted variance ``V`` (``E|D|^2 = |g|^2 + V``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedlora_jax import theory, wireless
+
+
+class Plan(NamedTuple):
+    """Per-client sampling probabilities ``q`` (N,) and kept ranks ``k`` (N,) for a round."""
+
+    q: np.ndarray
+    k: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a strategy may know of the run.
+
+    Attributes:
+      rank: global LoRA rank ``r``.
+      q_default: ``participants / N`` (clipped to 1): the uniform sampling rate.
+      sketch_ratio: the configured ``rho`` (``federation.sketch_ratio``).
+      weights: data weights ``a_n`` (N,).
+      profile, system, workload: the simulated network and per-client work (as the clock uses them).
+    """
+
+    rank: int
+    q_default: float
+    sketch_ratio: float
+    weights: np.ndarray
+    profile: wireless.SystemProfile
+    system: wireless.SystemConfig
+    workload: wireless.WorkloadModel
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.weights.shape[0])
+
+    def uniform(self, k: int | np.ndarray | None = None) -> Plan:
+        """Every client at ``q_default``, with ``k`` (default: the full rank)."""
+        n = self.num_clients
+        k = self.rank if k is None else k
+        return Plan(np.full(n, self.q_default, np.float32),
+                    np.broadcast_to(np.asarray(k, np.int32), (n,)).copy())
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimates:
+    """Online estimates: ``G_n^2`` (:class:`theory.GradNormState`) and the signal ``|g|^2``."""
+
+    grad_norms: theory.GradNormState
+    signal: float = 0.0
+    reports: int = 0  # rounds folded into ``signal``
+
+    @property
+    def g2(self) -> np.ndarray:
+        return np.asarray(theory.grad_norm_estimate(self.grad_norms))
+
+
+def init_estimates(num_clients: int) -> Estimates:
+    return Estimates(theory.init_grad_norms(num_clients))
+
+
+def tree_sq_norm(a, b) -> float:
+    """``|a - b|^2`` over two pytrees of the same structure (host arrays or jax arrays)."""
+    return float(sum(jnp.sum((jnp.asarray(x) - jnp.asarray(y)) ** 2)
+                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
+            update_sq_norms: np.ndarray, applied_sq_norm: float, pilot: int = 5,
+            decay: float = 0.9) -> Estimates:
+    """Folds one round into the estimates.
+
+    ``update_sq_norms`` are the participants' ``|delta_n|^2``; ``applied_sq_norm`` is ``|D|^2`` of
+    the round's aggregate. The signal sample is ``|D|^2 - V(q, rho)`` at the current ``G_n^2``,
+    floored at a tenth of ``|D|^2``; mean of the first ``pilot`` rounds, then an EMA.
+    """
+    n = ctx.num_clients
+    mask = np.zeros(n, bool)
+    mask[participants] = True
+    sq = np.zeros(n, np.float32)
+    sq[participants] = update_sq_norms
+    rho = plan.k / ctx.rank
+    grad_norms = theory.update_grad_norms(est.grad_norms, jnp.asarray(mask), jnp.asarray(sq),
+                                          jnp.asarray(rho, jnp.float32), pilot=pilot, decay=decay)
+    if not participants.size:
+        return dataclasses.replace(est, grad_norms=grad_norms)
+    g2 = np.asarray(theory.grad_norm_estimate(grad_norms))
+    v = float(theory.variance_term(jnp.asarray(plan.q), jnp.asarray(rho, jnp.float32),
+                                   jnp.asarray(g2), jnp.asarray(ctx.weights)))
+    sample = max(applied_sq_norm - v, 0.1 * applied_sq_norm)
+    reports = est.reports + 1
+    weight = 1.0 / reports if reports <= pilot else 1.0 - decay
+    return Estimates(grad_norms, est.signal + weight * (sample - est.signal), reports)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Base of the strategies: uniform sampling at the configured rate, full rank, planned once.
+
+    Subclasses set ``name`` (the registry key) and ``sampling`` (the engine's scheme) and override
+    :meth:`plan`, :meth:`due` or :meth:`settings`.
+    """
+
+    name: str = "fixed"
+    sampling: ClassVar[str] = "independent"
+
+    def settings(self) -> dict[str, tuple[Any, str]]:
+        """Run settings this strategy pins: dotted key -> (value, why); a ``None`` value means the
+        setting is unused and must stay at its default."""
+        return {"federation.sampling": (self.sampling, f"{self.name} samples clients "
+                                                       f"'{self.sampling}'")}
+
+    def adapt_model(self, model) -> None:
+        """Changes the LoRA model in place before it is split (FFA-LoRA freezes ``A``)."""
+
+    def due(self, round: int) -> bool:
+        """Whether to plan again before 1-based ``round`` (round 1 is always planned)."""
+        return round == 1
+
+    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
+        del round, est
+        return ctx.uniform()

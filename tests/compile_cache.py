@@ -1,0 +1,24 @@
+"""A persistent XLA compilation cache shared by the tests that build whole runs (in-process and in
+subprocesses and notebook kernels): the tiny preset compiles the same programs in every run, and
+compiling dominates their time."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+
+DIRECTORY = str(Path(tempfile.gettempdir()) / "fedlora_jax_test_xla_cache")
+ENV = {"JAX_COMPILATION_CACHE_DIR": DIRECTORY,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def enable() -> None:
+    """Turns the cache on in this process and, through the environment, in its children."""
+    os.environ.update(ENV)
+    jax.config.update("jax_compilation_cache_dir", DIRECTORY)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
