@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = solver.SolverConfig()
     if args.quick:
-        plan = [(100, 1, True), (10_000, 1, False), (100, 10, False)]
+        plan = [(100, 1, True), (10_000, 1, False), (100_000, 1, False), (100, 10, False)]
     else:
         plan = [(10 ** e, 1, e <= 4) for e in range(2, 7)] + [(1000, 1000, False)]
     rows = []

@@ -40,27 +40,58 @@ class Setup:
     workload: wireless.WorkloadModel
 
 
-def _tokenizer_and_model(cfg: config_lib.RunConfig, num_labels: int | None):
-    """Returns (tokenizer, model or None, description); the model is None when it needs the data
-    (the tiny model sizes its vocabulary and head from the data)."""
+def _model_path(cfg: config_lib.RunConfig) -> str | None:
+    """The Hugging Face directory to load (None for the built-in tiny model)."""
     from fedlora_jax.data.builtin import minilm_path
+
+    return {"tiny": None, "minilm": minilm_path()}.get(cfg.model.source, cfg.model.source)
+
+
+def _tokenizer_and_task(cfg: config_lib.RunConfig):
+    """The tokenizer (the tiny model borrows MiniLM's) and the task of the model's family:
+    ``classification`` for encoders, ``causal_lm`` for decoders."""
+    from fedlora_jax.data.builtin import minilm_path
+    from fedlora_jax.models.hf import default_task, load_tokenizer
+
+    path = _model_path(cfg)
+    task = "classification" if path is None else default_task(path)
+    return load_tokenizer(path or minilm_path()), task
+
+
+def _model(cfg: config_lib.RunConfig, task: str, num_labels: int, vocab_size: int):
+    """Loads the checkpoint (a fresh head sized for the data's labels) or builds the tiny model."""
     from fedlora_jax.models.hf import load_pretrained
+    from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
 
+    path = _model_path(cfg)
+    if path is None:
+        model = TinyTransformer(TinyConfig(vocab_size=vocab_size, max_len=cfg.data.max_length,
+                                           num_labels=num_labels),
+                                rngs=nnx.Rngs(cfg.federation.seed))
+        return model, "tiny transformer (random init)"
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-    source = cfg.model.source
-    if source == "tiny":
-        import transformers
-        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-        return tokenizer, None, "tiny transformer (random init)"
-    path = minilm_path() if source == "minilm" else source
-    model, tokenizer, info = load_pretrained(path, task="classification", num_labels=num_labels,
-                                             dtype=dtype, seed=cfg.federation.seed)
-    return tokenizer, model, f"{info.model_type} from {path}"
+    model, _, info = load_pretrained(path, task=task, dtype=dtype, seed=cfg.federation.seed,
+                                     num_labels=num_labels if task == "classification" else None)
+    return model, f"{info.model_type} ({task}) from {path}"
 
 
-def _load_data(cfg: config_lib.RunConfig, tokenizer):
-    """-> (train examples, client index arrays, held-out examples, label names)."""
+def _load_data(cfg: config_lib.RunConfig, tokenizer, task: str):
+    """-> (train examples, client index arrays, held-out examples, label names).
+
+    Causal LM reads instruction data (LLM-Adapters JSON); its Dirichlet split is over the gold
+    answers (the task's "labels"), and the loss covers the response tokens only."""
     data, seed = cfg.data, cfg.federation.seed
+    if task == "causal_lm":
+        if data.source in ("builtin", "synthetic"):
+            raise ValueError("A causal LM trains on instruction data: give --data FILE in the "
+                             "LLM-Adapters JSON format (instruction, input, output, answer).")
+        from fedlora_jax.data.loaders import load_instructions
+        from fedlora_jax.data.tokenize import tokenize_instructions
+        loaded = load_instructions(data.source)
+        examples = tokenize_instructions(loaded, tokenizer, data.max_length)
+        labels, codes = np.unique(np.asarray(loaded.answers, object).astype(str),
+                                  return_inverse=True)
+        return _hold_out(cfg, examples, codes.astype(np.int32), tuple(labels))
     if data.source == "builtin":
         from fedlora_jax.data.builtin import builtin_text_classification
         train, clients, heldout, labels = builtin_text_classification(
@@ -71,9 +102,8 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer):
         return train, clients, heldout, tuple(labels)
     if data.source == "synthetic":
         from fedlora_jax.data.synthetic import synthetic_classification
-        vocab = 512 if tokenizer is None else tokenizer.vocab_size
         examples = synthetic_classification(seed, data.synthetic_per_client * data.num_clients,
-                                            data.max_length, vocab, 4)
+                                            data.max_length, tokenizer.vocab_size, 4)
         labels = tuple(f"class_{i}" for i in range(4))
     else:
         from fedlora_jax.data.loaders import load_classification
@@ -82,11 +112,16 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer):
                                      label_column=data.label_column)
         examples = tokenize_classification(loaded, tokenizer, data.max_length)
         labels = tuple(loaded.label_names)
-    rng = np.random.default_rng(seed)
-    held = rng.random(examples["labels"].shape[0]) < data.heldout_fraction
+    return _hold_out(cfg, examples, examples["labels"], labels)
+
+
+def _hold_out(cfg: config_lib.RunConfig, examples: dict, labels: np.ndarray, names: tuple):
+    """A random held-out fraction, then the client split of the rest by ``labels``."""
+    rng = np.random.default_rng(cfg.federation.seed)
+    held = rng.random(labels.shape[0]) < cfg.data.heldout_fraction
     heldout = {k: v[held] for k, v in examples.items()}
     train = {k: v[~held] for k, v in examples.items()}
-    return train, _split(cfg, train["labels"]), heldout, labels
+    return train, _split(cfg, labels[~held]), heldout, names
 
 
 def _split(cfg: config_lib.RunConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -98,21 +133,15 @@ def _split(cfg: config_lib.RunConfig, labels: np.ndarray) -> list[np.ndarray]:
 
 def build(cfg: config_lib.RunConfig) -> Setup:
     """Loads (or creates) the model and the data, applies LoRA and builds the engine."""
-    from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
-
-    num_labels = 7 if cfg.data.source == "builtin" else None
-    tokenizer, model, description = _tokenizer_and_model(cfg, num_labels)
-    train, clients, heldout, labels = _load_data(cfg, tokenizer)
-    if model is None:
-        model = TinyTransformer(TinyConfig(vocab_size=tokenizer.vocab_size, max_len=cfg.data.max_length,
-                                           num_labels=len(labels)),
-                                rngs=nnx.Rngs(cfg.federation.seed))
+    tokenizer, task = _tokenizer_and_task(cfg)
+    train, clients, heldout, labels = _load_data(cfg, tokenizer, task)
+    model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
     strategies.get_strategy(cfg.strategy).adapt_model(model)
     pool = ClientPool.from_partition(train, clients)
     parts = split_model(model)
     profile, workload = make_profile(cfg, pool.num_clients), make_workload(cfg, parts)
-    engine = FederatedEngine(parts, pool, get_loss("classification"),
+    engine = FederatedEngine(parts, pool, get_loss(task),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
                              server_optimizer=cfg.server_optimizer, federation=cfg.federation,
                              clock=make_clock(cfg, profile, workload))
@@ -229,7 +258,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     setup = build(cfg)
     engine = setup.engine
     log(f"model: {setup.description}; clients: {engine.num_clients}; "
-        f"held-out examples: {len(setup.heldout['labels'])}; classes: {len(setup.label_names)}")
+        f"held-out examples: {len(setup.heldout['input_ids'])}; classes: {len(setup.label_names)}")
     metrics_path = out / metrics_lib.METRICS_FILE
     ctx = strategy_context(cfg, setup)
     if not resume:

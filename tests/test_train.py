@@ -54,3 +54,34 @@ def test_missing_column_in_users_file_names_it(user_files, tmp_path):
                                  f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="target"):
         train(cfg, progress="none", log=lambda *_: None)
+
+
+def test_causal_lm_run_on_a_llama_checkpoint_and_instruction_file(tmp_path):
+    """A LLaMA-family decoder fine-tuned on LLM-Adapters data: the loss covers responses only."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    cfg = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=True)
+    model_dir = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = pydoc_corpus()
+    records = [{"instruction": "Which chapter of the Python reference is this from?",
+                "input": " ".join(corpus.texts[i].split()[:8]),
+                "output": f"The answer is {corpus.labels[i]}", "answer": str(corpus.labels[i])}
+               for i in range(0, 600, 10)]
+    data = tmp_path / "commonsense.json"
+    data.write_text(json.dumps(records))
+    run = load_config(overrides=[
+        f"model.source={model_dir}", f"data.source={data}", "data.partition=dirichlet",
+        "data.alpha=0.5", "data.num_clients=4", "data.max_length=96", "federation.rounds=2",
+        "federation.participants=2", "federation.chunk_size=2", "eval_every=1",
+        "lora.targets=[q_proj, v_proj]", "lora.modules_to_save=[]", f"output_dir={tmp_path / 'out'}"])
+    history = train(run, progress="none", log=lambda *_: None)
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert all(np.isfinite(h["eval_loss"]) for h in history)
+    with pytest.raises(ValueError, match="instruction data"):
+        train(load_config(overrides=[f"model.source={model_dir}", "data.partition=iid",
+                                     f"output_dir={tmp_path / 'bad'}"]),
+              progress="none", log=lambda *_: None)

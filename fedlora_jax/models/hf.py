@@ -147,6 +147,21 @@ def _read_model_type(directory: Path) -> str:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
+def default_task(path: str | Path) -> str:
+    """The task a checkpoint's family serves by default: ``classification`` (encoders) or
+    ``causal_lm`` (decoders); checks the directory and its ``model_type`` on the way."""
+    return next(iter(ARCHITECTURES[_read_model_type(Path(path))].models))
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer through ``transformers``, or a clear error if it has none."""
+    directory = Path(path)
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{directory} has no tokenizer files ({', '.join(_TOKENIZER_FILES)});"
+                                " save the tokenizer beside the weights: tokenizer.save_pretrained(DIR).")
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 def _init_missing(shape: tuple[int, ...], leaf: str, std: float, key: jax.Array) -> jax.Array:
     """HF's ``_init_weights`` for a fresh head: N(0, initializer_range) weights, zero bias, unit scale."""
     if leaf == "bias":
