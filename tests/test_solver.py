@@ -98,7 +98,9 @@ def test_batch_equals_single_solves():
     out = S.solve_batch(batched, keys, cfg)
     for i, p in enumerate(problems):
         single = S.solve_problem(p, keys[i], cfg)
-        np.testing.assert_allclose(out.objective[i], single.objective, rtol=1e-4)
+        np.testing.assert_allclose(out.objective[i], single.objective, rtol=1e-6)
+        np.testing.assert_allclose(out.q[i], single.q, rtol=1e-6)
+        np.testing.assert_array_equal(out.k[i], single.k)
 
 
 def test_bad_solver_inputs():

@@ -15,7 +15,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -52,71 +51,11 @@ def attention_mask_bts(attention_mask: jax.Array, *, causal: bool,
     return mask
 
 
-def _fold_mapped_axis_into_batch(fn: Callable) -> Callable:
-    """Makes ``jax.vmap(fn)`` call ``fn`` once on a larger batch instead of a batched program.
-
-    ``fn`` must act independently on each row of axis 0 of all its arguments (attention does).
-    Under ``vmap`` over clients, XLA:CPU runs dot products with three or more batch dimensions
-    (clients, batch, heads) an order of magnitude slower than the same work with the client axis
-    folded into the batch axis, so this rule folds ``(C, B, ...) -> (C*B, ...)`` (broadcasting
-    unmapped or size-1 arguments) and unfolds the result. Nested vmaps fold repeatedly.
-    """
-    folded = custom_batching.custom_vmap(fn)
-
-    @folded.def_vmap
-    def rule(axis_size, in_batched, *args):
-        batch = max(x.shape[1] if mapped else x.shape[0] for x, mapped in zip(args, in_batched))
-
-        def fold(x, mapped):
-            x = x if mapped else x[None]
-            x = jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:]))
-            return x.reshape(axis_size * batch, *x.shape[2:])
-
-        out = folded(*map(fold, args, in_batched))
-        unfold = lambda o: o.reshape(axis_size, batch, *o.shape[1:])
-        return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
-
-    return folded
-
-
-def _sdpa(q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-
-_sdpa_forward = _fold_mapped_axis_into_batch(_sdpa)
-_sdpa_backward = _fold_mapped_axis_into_batch(
-    lambda q, k, v, mask, g: jax.vjp(lambda q, k, v: _sdpa(q, k, v, mask), q, k, v)[1](g))
-
-
-@jax.custom_vjp
-def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_b1ts: jax.Array) -> jax.Array:
-    """``jax.nn.dot_product_attention`` that stays fast when vmapped over clients.
-
-    The forward and the backward (which recomputes the forward) are each folded by
-    :func:`_fold_mapped_axis_into_batch`; ``custom_vjp`` is needed because ``custom_vmap``
-    functions cannot be differentiated in reverse mode themselves.
-    """
-    return _sdpa_forward(q_btnh, k_bskh, v_bskh, mask_b1ts)
-
-
-def _sdpa_fwd(q, k, v, mask):
-    return _sdpa_forward(q, k, v, mask), (q, k, v, mask)
-
-
-def _sdpa_bwd(residuals, g):
-    q, k, v, mask = residuals
-    return (*_sdpa_backward(q, k, v, mask, g), None)
-
-
-dot_product_attention.defvjp(_sdpa_fwd, _sdpa_bwd)
-
-
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads (``n`` a multiple of ``k``) -> (B, T, N*H)."""
     b, t, n, h = q_btnh.shape
     chex.assert_equal_shape([k_bskh, v_bskh])
-    out = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+    out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts)
     return out.reshape(b, t, n * h)
 
 
