@@ -85,7 +85,7 @@ class SolverConfig:
 
 @struct.dataclass
 class Problem:
-    """One scenario as arrays (a leading scenario axis vmaps over many): clients are rows."""
+    """One scenario as arrays (stack many on a leading axis for solve_batch): clients are rows."""
 
     flops_per_s: jax.Array  # (N,)
     snr_bw: jax.Array       # (N,) p h / N0 in Hz
@@ -273,9 +273,10 @@ def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveR
     """Solve many scenarios in one call: ``problems`` and ``keys`` carry a leading scenario axis.
 
     The scenarios run one after another (``lax.map``), each exactly as :func:`solve_problem` would
-    (same results, bit for bit). Not vmapped: under vmap the data-dependent while loops run every
-    scenario until the slowest stops, carrying the whole batch each step (26x slower per scenario
-    at 1000 x 1000 clients); even blocks of 4 cost twice a single solve (docs/method.md).
+    (same results, bit for bit), a little faster than separate calls. Not vmapped: under vmap the
+    data-dependent while loops run every scenario until the slowest stops, carrying the whole batch
+    each step (5.6x a single solve per scenario at 100 x 1000 clients); vmapped blocks of 4 still
+    cost 1.2-2x (docs/method.md).
     """
     chex.assert_tree_shape_prefix((problems, keys), keys.shape[:1])
     return jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys))

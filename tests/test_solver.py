@@ -90,8 +90,9 @@ def test_equal_times_matches_closed_form():
     np.testing.assert_allclose(jnp.exp(x[n]), rho_star, rtol=1e-2)
 
 
-def test_batch_equals_single_solves():
-    cfg = S.SolverConfig(rank=2, q_min=0.1, baseline_rho=0.5)
+@pytest.mark.parametrize("multistart_max_clients", [500, 2])  # five starts, and the uniform one alone
+def test_batch_equals_single_solves(multistart_max_clients):
+    cfg = S.SolverConfig(rank=2, q_min=0.1, baseline_rho=0.5, multistart_max_clients=multistart_max_clients)
     problems = [S.make_problem(*_problem(3, seed=s)[:1], SYS, WORK, *_problem(3, seed=s)[1:]) for s in (0, 7)]
     batched = jax.tree.map(lambda *x: jnp.stack(x), *problems)
     keys = jnp.stack([jax.random.key(cfg.seed)] * 2)
