@@ -288,11 +288,12 @@ class FederatedEngine:
             acc, norms, metrics = self._chunk(self.parts.base, state.trainable, self.parts.sketch,
                                               self.pool, acc, chunk_ids, chunk_valid, q_dev, k_dev,
                                               k_train)
-            sq_norms.append(np.asarray(norms)[chunk_valid])
+            sq_norms.append(norms)  # stays on device: no host sync between chunks
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
         times = ({"total": jnp.float32(0.0)} if self._clock is None else self._clock(mask, k_dev))
         state = self._server(state.replace(key=key), acc, times["total"])
-        sq = np.concatenate(sq_norms) if sq_norms else np.zeros(0, np.float32)
+        sq = (np.concatenate([np.asarray(n) for n in sq_norms])[valid.ravel()] if sq_norms
+              else np.zeros(0, np.float32))
         if not np.isfinite(sq).all():
             raise FloatingPointError(
                 f"Client updates became NaN/inf in round {int(state.round)}: lower the client "
