@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
+from common import write_rows  # benchmarks/common.py, beside this script
 
 SEQ, PER_CLIENT = 16, 2
 
@@ -94,14 +94,7 @@ def main(argv=None) -> list[dict]:
         print(f"{n:>9} {row['rounds_per_s']:>9.2f} {row['client_steps_per_s']:>8.1f} "
               f"{row['peak_rss_mib']:>13.0f} {row['chunk_temp_mib']:>15.2f} "
               f"{row['pool_mib']:>9.1f} {row['setup_s']:>8.1f}", flush=True)
-    meta = {"machine": platform.processor() or platform.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for row in rows:
-        row.update(meta)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ present (``--no-host-devices``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
+from common import write_rows  # benchmarks/common.py, beside this script
 
 HOST_DEVICES = 8
 
@@ -82,15 +81,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"{d:>7} {rate:>15.2f} {row['speedup']:>7.2f}x {row['parallel_efficiency']:>10.0%}",
               flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "host_platform_devices": not args.no_host_devices,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for row in rows:
-        row.update(meta)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return write_rows(rows, args.json, host_platform_devices=not args.no_host_devices)
 
 
 if __name__ == "__main__":

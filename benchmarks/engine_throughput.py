@@ -11,8 +11,6 @@ Ratios are measured in one process on one machine.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import jax
@@ -27,6 +25,7 @@ from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
 from fedlora_jax.sketch import draw_sketch
 from fedlora_jax.tasks import classification_loss
+from common import write_rows  # benchmarks/common.py, beside this script
 
 BLOCK = 8  # clients per vmapped block in the blocked variant (jax.lax.map over blocks)
 
@@ -133,14 +132,7 @@ def main(argv=None) -> list[dict]:
                   f"{row['sequential_client_steps_per_s']:>13.1f} "
                   f"{row['vmapped_client_steps_per_s']:>13.1f} {row['vmapped_gflops']:>12.1f} "
                   f"{row['speedup']:>7.2f}x {row['blocked_speedup']:>9.2f}x", flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": jax.device_count(),
-            "backend": jax.default_backend()}
-    for row in rows:
-        row.update(meta)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

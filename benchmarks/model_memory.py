@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -30,6 +29,7 @@ from fedlora_jax.lora import LoRAConfig, apply_lora
 from fedlora_jax.models.bert import BertConfig, BertForSequenceClassification
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from fedlora_jax.tasks import get_loss
+from common import write_rows  # benchmarks/common.py, beside this script
 
 MiB = 2**20
 
@@ -119,9 +119,7 @@ def main() -> None:
             marginal = f"{row['marginal_mib_per_client']:.1f}" if c > 1 else "-"
             print(f"{row['model']:18} {c:>3} {row['base_mib']:>9.1f} {row['argument_mib']:>9.1f} "
                   f"{row['temp_mib']:>9.1f} {row['peak_mib']:>9.1f} {marginal:>11}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ the measured round time. Ratios are measured in one process on one machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -37,6 +35,7 @@ from fedlora_jax.lora import TRAINABLE, LoRAConfig, apply_lora
 from fedlora_jax.models.hf import load_pretrained
 from fedlora_jax.optim import OptimizerConfig
 from fedlora_jax.tasks import classification_loss
+from common import write_rows  # benchmarks/common.py, beside this script
 
 RANK, BATCH, SEQ, LABELS, LR = 16, 8, 64, 4, 1e-4
 TINY = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
@@ -220,16 +219,8 @@ def main(argv=None) -> list[dict]:
                           f"{row['jax_client_steps_per_s']:>9.2f} {row['speedup']:>7.2f}x "
                           f"{row['achieved_gflops']:>8.1f} {row['fraction_of_peak']:>8.0%}",
                           flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cores": cores,
-            "jax": jax.__version__, "torch": torch.__version__, "jax_matmul_gflops": peaks["jax"],
-            "torch_matmul_gflops": peaks["torch"],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for row in rows:
-        row.update(meta)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return write_rows(rows, args.json, torch=torch.__version__, jax_matmul_gflops=peaks["jax"],
+                      torch_matmul_gflops=peaks["torch"])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ produce their figures; all four are in the default run (about 20-60 s each on a 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
