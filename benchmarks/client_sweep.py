@@ -18,7 +18,7 @@ import resource
 import subprocess
 import sys
 import time
-from common import write_rows  # benchmarks/common.py, beside this script
+from common import parser as benchmark_parser, write_rows  # benchmarks/common.py
 
 SEQ, PER_CLIENT = 16, 2
 
@@ -69,10 +69,7 @@ def one(num_clients: int, participants: float, rounds: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10^2, 10^4, 10^6; about a minute")
-    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser = benchmark_parser(__doc__, "10^2, 10^4, 10^6; about a minute")
     parser.add_argument("--participants", type=float, default=16.0)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one count
     parser.add_argument("--rounds", type=int, help="timed rounds per count (default 5, quick 3)")

@@ -1,7 +1,9 @@
-"""What every benchmark script does with its rows: tag them with the machine and date, write JSON."""
+"""What every benchmark script shares: its command line (``--quick``, ``--json PATH``), best-of-N
+timing, the machine's measured matmul peak, and its rows tagged with the machine and written as JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,3 +27,30 @@ def write_rows(rows: list[dict], path: str | None, **extra) -> list[dict]:
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
     return rows
+
+
+def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The convention of every benchmark: ``--quick`` (about a minute) and ``--json PATH``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--json", help="write the rows (a list of dicts) to this JSON file")
+    return p
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` calls after one warm-up (compile) call; JAX
+    results are waited for, other results (e.g. torch tensors) pass through."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 ``n x n`` matmul rate of XLA on this machine: the ceiling for a local step."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / best_time(lambda: mm(a), repeats) / 1e9

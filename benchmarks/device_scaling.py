@@ -12,20 +12,16 @@ present (``--no-host-devices``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from common import write_rows  # benchmarks/common.py, beside this script
+from common import parser as benchmark_parser, write_rows  # benchmarks/common.py
 
 HOST_DEVICES = 8
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, about a minute")
-    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser = benchmark_parser(__doc__, "tiny model, about a minute")
     parser.add_argument("--no-host-devices", action="store_true",
                         help="use the real devices only (do not split the CPU)")
     args = parser.parse_args(argv)

@@ -10,8 +10,6 @@ Ratios are measured in one process on one machine.
 
 from __future__ import annotations
 
-import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,7 @@ from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
 from fedlora_jax.sketch import draw_sketch
 from fedlora_jax.tasks import classification_loss
-from common import write_rows  # benchmarks/common.py, beside this script
+from common import best_time, jax_matmul_gflops, parser, write_rows  # benchmarks/common.py
 
 BLOCK = 8  # clients per vmapped block in the blocked variant (jax.lax.map over blocks)
 
@@ -37,16 +35,6 @@ MODELS = {
     "base-d384": TinyConfig(vocab_size=1000, d_model=384, num_layers=6, num_heads=12, d_ff=1536,
                             max_len=64),
 }
-
-
-def _time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure(name: str, cfg: TinyConfig, chunk: int, steps: int, batch: int, seq: int,
@@ -78,9 +66,9 @@ def measure(name: str, cfg: TinyConfig, chunk: int, steps: int, batch: int, seq:
     per_client = [(jax.tree.map(lambda x: x[c], sketches), jax.tree.map(lambda x: x[c], batches))
                   for c in range(chunk)]
     flops = vmapped.lower(sketches, batches).compile().cost_analysis()["flops"]
-    t_vmap = _time(lambda: vmapped(sketches, batches), repeats)
-    t_loop = _time(lambda: [single(s, b) for s, b in per_client], repeats)
-    t_block = _time(lambda: blocked(sketches, batches), repeats)
+    t_vmap = best_time(lambda: vmapped(sketches, batches), repeats)
+    t_loop = best_time(lambda: [single(s, b) for s, b in per_client], repeats)
+    t_block = best_time(lambda: blocked(sketches, batches), repeats)
     client_steps = chunk * steps
     return {"model": name, "d_model": cfg.d_model, "chunk": chunk, "local_steps": steps,
             "batch": batch, "seq_len": seq,
@@ -93,19 +81,8 @@ def measure(name: str, cfg: TinyConfig, chunk: int, steps: int, batch: int, seq:
             "blocked_speedup": t_loop / t_block}
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 matmul throughput of this machine: the ceiling for the local step."""
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    mm = jax.jit(lambda x: x @ x)
-    return 2 * n ** 3 / _time(lambda: mm(a), repeats) / 1e9
-
-
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small grid, about a minute")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "small grid, about a minute").parse_args(argv)
     # (model, local steps, batch, sequence length) -> chunk sizes; the first work size is the
     # light per-client load of large client-count sweeps, the second a typical fine-tuning step.
     if args.quick:
@@ -118,7 +95,7 @@ def main(argv=None) -> list[dict]:
                 ("small-d128", 4, 2, 16): [1, 8, 32, 64, 128],
                 ("small-d128", 4, 8, 64): [1, 8, 32, 64], ("base-d384", 4, 8, 64): [1, 4, 8, 16]}
         repeats = 3
-    peak = matmul_peak_gflops()
+    peak = jax_matmul_gflops(1024)
     print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s")
     rows = []
     print(f"{'model':<11} {'work':>8} {'chunk':>5} {'loop steps/s':>13} {'vmap steps/s':>13} "

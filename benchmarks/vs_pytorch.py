@@ -15,13 +15,10 @@ the measured round time. Ratios are measured in one process on one machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -35,7 +32,7 @@ from fedlora_jax.lora import TRAINABLE, LoRAConfig, apply_lora
 from fedlora_jax.models.hf import load_pretrained
 from fedlora_jax.optim import OptimizerConfig
 from fedlora_jax.tasks import classification_loss
-from common import write_rows  # benchmarks/common.py, beside this script
+from common import best_time, jax_matmul_gflops, parser, write_rows  # benchmarks/common.py
 
 RANK, BATCH, SEQ, LABELS, LR = 16, 8, 64, 4, 1e-4
 TINY = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
@@ -59,25 +56,11 @@ def client_batches(vocab: int, clients: int, steps: int, seed: int = 0) -> dict[
             "labels": rng.integers(0, LABELS, shape[:3]).astype(np.int32)}
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm up (compiles)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Best fp32 n x n matmul rate of JAX (XLA:CPU) and of torch on this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    t_jax = best_time(lambda: mm(a).block_until_ready(), repeats)
     b = torch.randn(n, n)
-    t_torch = best_time(lambda: b @ b, repeats)
-    flops = 2 * n**3 / 1e9
-    return {"jax": flops / t_jax, "torch": flops / t_torch}
+    return {"jax": jax_matmul_gflops(n, repeats),
+            "torch": 2 * n**3 / best_time(lambda: b @ b, repeats) / 1e9}
 
 
 class TorchFederation:
@@ -187,11 +170,7 @@ def measure(name: str, path: str, clients: int, steps: int, blocks: list[int | N
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one setting per model")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "one setting per model").parse_args(argv)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     if args.quick:
