@@ -108,18 +108,23 @@ def client_update(graphdef: nnx.GraphDef, base: nnx.State, trainable: nnx.State,
 def train_clients(graphdef: nnx.GraphDef, base: nnx.State, trainable: nnx.State,
                   sketches: nnx.State, batches: dict, *, loss_fn: LossFn,
                   optimizer: optax.GradientTransformation, rngs: nnx.State | None = None,
-                  keys: jax.Array | None = None, block_size: int | None = None
-                  ) -> tuple[nnx.State, dict]:
+                  keys: jax.Array | None = None, block_size: int | None = None,
+                  trainable_axis: int | None = None) -> tuple[nnx.State, dict]:
     """:func:`client_update` vmapped over a chunk: sketches, batches (and dropout ``keys``) carry
-    a leading client axis ``C``; the base weights and the global trainables are broadcast.
+    a leading client axis ``C``; the base weights are broadcast, and so are the global trainables
+    unless ``trainable_axis=0`` (each client starts from its own adapter, e.g. FedSA-LoRA's).
 
     ``block_size`` trains the chunk as a compiled loop over blocks of that many vmapped clients
     (``jax.lax.map``): one call either way, but on a CPU small blocks keep activations in cache.
     """
     num = jax.tree.leaves(batches)[0].shape[0]
     chex.assert_tree_shape_prefix(sketches, (num,))
-    run = lambda s, b, k: client_update(graphdef, base, trainable, s, b, loss_fn=loss_fn,
-                                        optimizer=optimizer, rngs=rngs, key=k)
+    run = lambda t, s, b, k: client_update(graphdef, base, t, s, b, loss_fn=loss_fn,
+                                           optimizer=optimizer, rngs=rngs, key=k)
     if block_size is None or block_size >= num:
-        return jax.vmap(run)(sketches, batches, keys)
-    return jax.lax.map(lambda xs: run(*xs), (sketches, batches, keys), batch_size=block_size)
+        return jax.vmap(run, in_axes=(trainable_axis, 0, 0, 0))(trainable, sketches, batches, keys)
+    if trainable_axis is None:
+        return jax.lax.map(lambda xs: run(trainable, *xs), (sketches, batches, keys),
+                           batch_size=block_size)
+    return jax.lax.map(lambda xs: run(*xs), (trainable, sketches, batches, keys),
+                       batch_size=block_size)

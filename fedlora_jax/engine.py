@@ -30,10 +30,15 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from fedlora_jax import sampling
+from fedlora_jax.aggregation import (
+    Aggregator,
+    AggregatorState,
+    adapter_sizes,
+    check_client_state_memory,
+)
 from fedlora_jax.client import ClientConfig, LossFn, ModelParts, train_clients
 from fedlora_jax.data.pool import ClientPool, iterate_batches, sample_batches
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
-from fedlora_jax.sketch import adapter_sizes, draw_sketch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,7 @@ class ServerState:
     round: jax.Array  # int32
     key: jax.Array
     clock: jax.Array  # simulated wall-clock seconds
+    agg: AggregatorState  # the aggregation rule's own state (empty for FSLoRA's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,7 @@ class RoundResult:
 
     participants: np.ndarray  # (P,) client ids
     update_sq_norms: np.ndarray  # (P,) ||delta_n||^2, for the G_n estimators
+    reports: dict[str, np.ndarray]  # (P,) per-client scalars of the aggregator (Aggregator.report)
     train_loss: float
     train_accuracy: float
     uplink_params: float
@@ -162,35 +169,52 @@ def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
     return -(-chunk_size // size) * size
 
 
-def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, shared_sketch, block_size,
-                base, trainable, template, pool: ClientPool, acc, ids, valid, q, k, key):
-    """Trains this device's clients of a chunk; adds ``sum_c a_c / q_c delta_c`` over all devices
-    (``psum`` on the ``clients`` axis) to the accumulator. Runs inside :func:`jax.shard_map`."""
+def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, block_size,
+                aggregator: Aggregator, base, trainable, template, pool: ClientPool, acc,
+                agg_server, agg_clients, ids, valid, q, k, key):
+    """Trains this device's clients of a chunk and adds their weighted messages to the round's
+    sums (``psum`` over the ``clients`` axis); updates the participants' per-client rows.
+    Runs inside :func:`jax.shard_map`. ``acc`` is ``(sum of weighted messages, sum of weights)``."""
     chex.assert_equal_shape([ids, valid])
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), 3))(ids)
-    sketches = jax.vmap(lambda kk, kn: draw_sketch(kk, kn, template,
-                                                   shared_across_layers=shared_sketch)
-                        )(keys[:, 0], k[ids])
-    batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
+    rows = jax.tree.map(lambda x: x[ids], agg_clients)
     trainable = jax.lax.pcast(trainable, CLIENTS, to="varying")  # each device trains its own copy
-    deltas, metrics = train_clients(graphdef, base, trainable, sketches, batches,
-                                    loss_fn=loss_fn, optimizer=optimizer, rngs=rngs,
-                                    keys=keys[:, 2], block_size=block_size)
-    weights = jnp.where(valid, pool.weights[ids] / q[ids], 0.0)
-    acc = jax.tree.map(lambda s, d: s + jax.lax.psum(jnp.tensordot(weights, d, axes=1), CLIENTS),
-                       acc, deltas)
-    sq_norms = sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1) for d in jax.tree.leaves(deltas))
+    starts, sketches = jax.vmap(aggregator.start, in_axes=(None, 0, None, 0, 0))(
+        trainable, rows, template, k[ids], keys[:, 0])
+    batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
+    deltas, metrics = train_clients(graphdef, aggregator.client_base(base, agg_server), starts,
+                                    sketches, batches, loss_fn=loss_fn, optimizer=optimizer,
+                                    rngs=rngs, keys=keys[:, 2], block_size=block_size,
+                                    trainable_axis=0)
+    messages, factors = jax.vmap(aggregator.message)(starts, deltas, sketches)
+    weights = jnp.where(valid, pool.weights[ids] / q[ids] * factors, 0.0)
+    total, weight_sum = acc
+    acc = (jax.tree.map(lambda s, m: s + jax.lax.psum(m, CLIENTS), total,
+                        aggregator.reduce(weights, messages)),
+           weight_sum + jax.lax.psum(weights.sum(), CLIENTS))
+    gather = lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True, to="invarying")
+    if jax.tree.leaves(agg_clients):  # per-client state: write back the participants' rows
+        new_rows = jax.vmap(aggregator.keep)(starts, deltas, rows)
+        slots = gather(jnp.where(valid, ids, jax.tree.leaves(agg_clients)[0].shape[0]))
+        agg_clients = jax.tree.map(lambda x, r: x.at[slots].set(gather(r), mode="drop"),
+                                   agg_clients, new_rows)
+    reports = {"sq_norm": sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1)
+                              for d in jax.tree.leaves(deltas)),
+               **jax.vmap(aggregator.report)(starts, deltas, sketches)}
     metrics = jax.tree.map(lambda m: jax.lax.psum(jnp.where(valid, m, 0).sum(), CLIENTS), metrics)
-    return acc, jax.lax.all_gather(sq_norms, CLIENTS, tiled=True, to="invarying"), metrics
+    return acc, agg_clients, jax.tree.map(gather, reports), metrics
 
 
-def _server_step(optimizer, state: ServerState, acc, round_time) -> ServerState:
-    """Applies the pseudo-gradient ``g = -sum_n a_n I_n / q_n delta_n`` with the server optimizer."""
-    grads = jax.tree.map(jnp.negative, acc)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+def _server_step(optimizer, aggregator: Aggregator, state: ServerState, acc, round_time
+                 ) -> ServerState:
+    """The aggregator turns the round's sums into an update ``u`` of the global trainables (and its
+    own server state); the server optimizer applies the pseudo-gradient ``-u``."""
+    update, server = aggregator.finish(state.trainable, state.agg.server, *acc)
+    updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, update), state.opt_state,
+                                          state.trainable)
     return state.replace(trainable=optax.apply_updates(state.trainable, updates),
                          opt_state=opt_state, round=state.round + 1,
-                         clock=state.clock + round_time)
+                         clock=state.clock + round_time, agg=state.agg.replace(server=server))
 
 
 class FederatedEngine:
@@ -209,9 +233,12 @@ class FederatedEngine:
                  server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0),
                  federation: FederationConfig = FederationConfig(),
                  clock: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, aggregator: Aggregator | None = None):
         self.mesh = client_mesh(federation.devices) if mesh is None else mesh
         self.chunk_size = check_mesh(self.mesh, federation.devices, federation.chunk_size)
+        self.aggregator = (Aggregator(shared_sketch=federation.shared_sketch) if aggregator is None
+                           else aggregator)
+        check_client_state_memory(self.aggregator, parts.trainable, pool.num_clients)
         self._replicated = jax.NamedSharding(self.mesh, jax.P())
         parts = dataclasses.replace(parts, **{name: jax.device_put(getattr(parts, name),
                                                                    self._replicated)
@@ -224,18 +251,21 @@ class FederatedEngine:
         self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
         chunk_step = functools.partial(
             _chunk_step, parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
-            client.local_steps, client.batch_size, federation.shared_sketch, federation.block_size)
+            client.local_steps, client.batch_size, federation.block_size, self.aggregator)
         rep, sharded = jax.P(), jax.P(CLIENTS)
-        specs = (rep, rep, rep, rep, rep, sharded, sharded, rep, rep, rep)
+        specs = (rep, rep, rep, rep, rep, rep, rep, sharded, sharded, rep, rep, rep)
         self._chunk = jax.jit(
-            jax.shard_map(chunk_step, mesh=self.mesh, in_specs=specs, out_specs=(rep, rep, rep)),
+            jax.shard_map(chunk_step, mesh=self.mesh, in_specs=specs,
+                          out_specs=(rep, rep, rep, rep)),
             in_shardings=tuple(jax.NamedSharding(self.mesh, spec) for spec in specs),
-            donate_argnums=(4,))
-        self._server = jax.jit(functools.partial(_server_step, self._server_opt),
+            donate_argnums=(4, 6))
+        self._server = jax.jit(functools.partial(_server_step, self._server_opt, self.aggregator),
                                donate_argnames=("state",))
         self._clock = clock
-        self._eval = jax.jit(lambda trainable, base, batch: loss_fn(
-            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs, base), batch)[1])
+        self._global_model = jax.jit(self.aggregator.global_model)
+        self._eval = jax.jit(lambda trainable, base, server, batch: loss_fn(
+            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
+                      self.aggregator.client_base(base, server)), batch)[1])
 
     @property
     def num_clients(self) -> int:
@@ -253,7 +283,8 @@ class FederatedEngine:
         trainable = jax.tree.map(jnp.copy, self.parts.trainable)  # the state's buffers are donated
         state = ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
                             round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
-                            clock=jnp.zeros((), jnp.float32))
+                            clock=jnp.zeros((), jnp.float32),
+                            agg=self.aggregator.init_state(trainable, self.pool.weights))
         return jax.device_put(state, self._replicated)  # as every round leaves it: no retrace
 
     def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
@@ -261,7 +292,12 @@ class FederatedEngine:
         ids = np.zeros(self.chunk_size, np.int32)
         q, k = jax.device_put((self.default_q(), self.default_k()), self._replicated)
         return self._chunk.lower(self.parts.base, state.trainable, self.parts.sketch, self.pool,
-                                 state.trainable, ids, ids > 0, q, k, state.key).compile()
+                                 self._zero_sums(state), state.agg.server, state.agg.clients, ids,
+                                 ids > 0, q, k, state.key).compile()
+
+    def _zero_sums(self, state: ServerState):
+        return jax.device_put((self.aggregator.zeros(state.trainable), jnp.float32(0.0)),
+                              self._replicated)
 
     def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pads participant ids to whole chunks: ``(num_chunks, C)`` ids and validity mask."""
@@ -281,37 +317,39 @@ class FederatedEngine:
         mask = self._sample(k_sample, jnp.asarray(q))
         participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
         ids, valid = self.pack(participants)
-        acc = jax.tree.map(jnp.zeros_like, state.trainable)
+        acc, clients = self._zero_sums(state), state.agg.clients
         q_dev, k_dev = jax.device_put((q_incl, k), self._replicated)
-        sq_norms, totals = [], {}
+        reports, totals = [], {}
         for chunk_ids, chunk_valid in zip(ids, valid):
-            acc, norms, metrics = self._chunk(self.parts.base, state.trainable, self.parts.sketch,
-                                              self.pool, acc, chunk_ids, chunk_valid, q_dev, k_dev,
-                                              k_train)
-            sq_norms.append(norms)  # stays on device: no host sync between chunks
+            acc, clients, chunk_reports, metrics = self._chunk(
+                self.parts.base, state.trainable, self.parts.sketch, self.pool, acc,
+                state.agg.server, clients, chunk_ids, chunk_valid, q_dev, k_dev, k_train)
+            reports.append(chunk_reports)  # stays on device: no host sync between chunks
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
         times = ({"total": jnp.float32(0.0)} if self._clock is None else self._clock(mask, k_dev))
-        state = self._server(state.replace(key=key), acc, times["total"])
-        sq = (np.concatenate([np.asarray(n) for n in sq_norms])[valid.ravel()] if sq_norms
-              else np.zeros(0, np.float32))
+        state = state.replace(key=key, agg=state.agg.replace(clients=clients))
+        state = self._server(state, acc, times["total"])
+        reports = ({name: np.concatenate([np.asarray(r[name]) for r in reports])[valid.ravel()]
+                    for name in reports[0]} if reports else {"sq_norm": np.zeros(0, np.float32)})
+        sq = reports.pop("sq_norm")
         if not np.isfinite(sq).all():
             raise FloatingPointError(
                 f"Client updates became NaN/inf in round {int(state.round)}: lower the client "
                 "learning rate, add client_optimizer.clip_norm, or use a smaller server learning rate.")
         count = float(totals["count"]) if totals else 0.0
-        lora_params, head_params = self.adapter_sizes
+        uplink = self.aggregator.upload_params(k[participants], self.rank, self.adapter_sizes)
         return state, RoundResult(
-            participants=participants, update_sq_norms=sq,
+            participants=participants, update_sq_norms=sq, reports=reports,
             train_loss=float(totals["loss_sum"]) / count if count else float("nan"),
             train_accuracy=float(totals["correct"]) / count if count else float("nan"),
-            uplink_params=float((k[participants] / self.rank * lora_params + head_params).sum()),
+            uplink_params=float(np.sum(uplink)),
             times={name: float(t) for name, t in times.items()})
 
     def evaluate(self, state: ServerState, examples: dict, batch_size: int = 64) -> dict[str, float]:
         """Loss and accuracy of the global model (un-sketched) on held-out examples."""
-        totals = None
+        totals, trainable = None, self._global_model(state.trainable, state.agg)
         for batch in iterate_batches(examples, batch_size):
-            m = self._eval(state.trainable, self.parts.base, batch)
+            m = self._eval(trainable, self.parts.base, state.agg.server, batch)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         count = float(totals["count"])
         return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}

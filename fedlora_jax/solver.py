@@ -95,6 +95,7 @@ class Problem:
     beta: jax.Array         # ()
     bandwidth_hz: jax.Array  # ()
     workload: wireless.WorkloadModel = struct.field(pytree_node=False)
+    law: theory.UpdateLaw = struct.field(pytree_node=False, default=theory.SGD_LAW)  # client optimizer's
 
 
 @struct.dataclass
@@ -109,8 +110,10 @@ class SolveResult:
 
 
 def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
-                 g2: jax.Array, a: jax.Array, alpha: float, beta: float) -> Problem:
-    """Check the inputs (before any expensive work) and pack them as a :class:`Problem`."""
+                 g2: jax.Array, a: jax.Array, alpha: float, beta: float,
+                 law: theory.UpdateLaw = theory.SGD_LAW) -> Problem:
+    """Check the inputs (before any expensive work) and pack them as a :class:`Problem`; ``law`` is
+    the clients' :class:`theory.UpdateLaw` (how a sketch changes their updates)."""
     wireless.validate_profile(profile)
     n = profile.num_clients
     for name, x in (("G2", g2), ("a", a)):
@@ -123,7 +126,8 @@ def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, wo
     return Problem(flops_per_s=jnp.asarray(profile.flops_per_s, f),
                    snr_bw=jnp.asarray(profile.power_w * profile.gain / sys.noise_w_per_hz, f),
                    g2=jnp.asarray(g2, f), a=jnp.asarray(a, f), alpha=jnp.asarray(alpha, f),
-                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f), workload=workload)
+                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f), workload=workload,
+                   law=law)
 
 
 def problem_times(problem: Problem, rho: jax.Array) -> wireless.ClientTimes:
@@ -142,7 +146,8 @@ def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: Sol
 
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
     """``J``, ``E[T]`` and the rounds ``alpha V + beta`` at ``(q, rho)``."""
-    rounds = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta)
+    rounds = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta,
+                                     law=problem.law)
     time = expected_round_time(problem, q, rho, cfg)
     return {"objective": rounds * time, "expected_round_time": time, "predicted_rounds": rounds}
 

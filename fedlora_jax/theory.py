@@ -9,9 +9,16 @@ moment of the aggregated update by
 rounds to reach accuracy ``eps`` are modelled as ``R = (alpha V + beta) / eps``. ``G_n``, ``alpha``
 and ``beta`` are unknown: :class:`GradNormState` estimates ``G_n^2`` from the update norms the
 clients return, :func:`fit_alpha_beta` gets ``alpha, beta`` from two pilot runs.
+
+How a sketch changes a client's update depends on its optimizer (:class:`UpdateLaw`, chosen by
+:func:`update_law`, the one place to swap it; docs/method.md "Update laws"): SGD's sketched update
+is unbiased with ``1/rho`` times the squared norm, an Adam-type client's moves ``rho`` of the
+coordinates by a full-size step, so its update is ``rho`` times smaller in mean and squared norm.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import chex
 import jax
@@ -26,10 +33,69 @@ def variance_term(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array) -> 
     return jnp.sum(a * a * g2 * (1.0 / (q * rho) - 1.0))
 
 
+# ----------------------------------------------------------------------------- update laws
+
+@dataclasses.dataclass(frozen=True)
+class UpdateLaw:
+    """How client ``n``'s sketched update ``delta_S`` relates to its unsketched update ``u_n``.
+
+    ``E|delta_S|^2 = rho^norm_power |u_n|^2`` and ``E[delta_S] = rho^shrink_power u_n``; with fixed
+    learning rates a round whose mean update shrinks by ``s`` makes ``s^progress_power`` of the
+    progress. ``G_n^2 = |u_n|^2`` (the unsketched second moment) in every law.
+    """
+
+    name: str
+    norm_power: float
+    shrink_power: float
+    progress_power: float
+
+
+SGD_LAW = UpdateLaw("sgd", norm_power=-1.0, shrink_power=0.0, progress_power=0.0)
+# progress_power: 0 if the learning rate were re-tuned to the step, 1 in the small-step limit; 0.5
+# is measured (tiny preset, AdamW 5e-3, full participation: 0.34-0.62; docs/method.md).
+ADAM_LAW = UpdateLaw("adam", norm_power=1.0, shrink_power=1.0, progress_power=0.5)
+_LAWS = {"sgd": SGD_LAW, "momentum": SGD_LAW, "adam": ADAM_LAW, "adamw": ADAM_LAW}
+
+
+def update_law(optimizer: str) -> UpdateLaw:
+    """The law of a client optimizer (``OptimizerConfig.name``): linear ones (SGD, momentum) keep the
+    ``r/k``-scaled gradient, Adam-type ones normalise it away coordinate by coordinate."""
+    if optimizer not in _LAWS:
+        raise ValueError(f"No update law for client optimizer {optimizer!r}; known: {sorted(_LAWS)}.")
+    return _LAWS[optimizer]
+
+
+def unsketched_sq_norm(sq_norms: jax.Array, rho: jax.Array, law: UpdateLaw = SGD_LAW) -> jax.Array:
+    """``G_n^2`` samples from reported ``|delta_S|^2``: ``rho^-norm_power |delta_S|^2`` (SGD:
+    ``rho |delta|^2``; Adam: ``|delta|^2 / rho``)."""
+    return sq_norms * rho ** -law.norm_power
+
+
+def step_shrink(rho: jax.Array, a: jax.Array, law: UpdateLaw = SGD_LAW) -> jax.Array:
+    """``s = sum_n a_n rho_n^shrink_power``: the aggregate's mean update over the unsketched one
+    (1 for SGD; the data-weighted mean ``rho`` for Adam)."""
+    return jnp.sum(a * rho ** law.shrink_power)
+
+
+def aggregate_variance(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array,
+                       law: UpdateLaw = SGD_LAW) -> jax.Array:
+    """Variance of the applied update ``sum_n a_n (I_n/q_n) delta_n``:
+    ``sum_n a_n^2 G_n^2 (rho_n^norm_power / q_n - rho_n^(2 shrink_power))`` (SGD: ``V(q, rho)``)."""
+    chex.assert_equal_shape([q, g2, a])
+    return jnp.sum(a * a * g2 * (rho ** law.norm_power / q - rho ** (2 * law.shrink_power)))
+
+
 def predicted_rounds(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array, alpha: float, beta: float,
-                     eps: float = 1.0) -> jax.Array:
-    """Rounds to accuracy ``eps``: ``(alpha V(q, rho) + beta) / eps``."""
-    return (alpha * variance_term(q, rho, g2, a) + beta) / eps
+                     eps: float = 1.0, law: UpdateLaw = SGD_LAW) -> jax.Array:
+    """Rounds to accuracy ``eps``: ``(alpha V_law / s^2 + beta) / (eps s^progress_power)``.
+
+    ``V_law / s^2`` is the noise-to-signal ratio of the applied update (:func:`aggregate_variance`
+    over the squared shrunk mean, ``alpha = 1/|g|^2``); ``s^-progress_power`` the rounds a smaller
+    mean step costs (:func:`step_shrink`). SGD: ``s = 1``, so ``(alpha V(q, rho) + beta) / eps``.
+    """
+    s = step_shrink(rho, a, law)
+    noise = aggregate_variance(q, rho, g2, a, law) / s ** 2
+    return (alpha * noise + beta) / (eps * s ** law.progress_power)
 
 
 # ----------------------------------------------------------------------------- G_n^2 estimator
@@ -51,14 +117,14 @@ def init_grad_norms(num_clients: int) -> GradNormState:
 
 
 def update_grad_norms(state: GradNormState, mask: jax.Array, sq_norms: jax.Array, rho: jax.Array,
-                      pilot: int = 5, decay: float = 0.9) -> GradNormState:
+                      pilot: int = 5, decay: float = 0.9, law: UpdateLaw = SGD_LAW) -> GradNormState:
     """Fold in the squared update norms ``|D_n|^2`` (N,) of this round's participants ``mask``.
 
-    A sketched update is rescaled by ``r / k``, so ``E|S g|^2 = |g|^2 / rho``: the report is deflated
-    by ``rho`` to estimate the unsketched ``G_n^2``. Mean of the first ``pilot`` reports, then EMA.
+    Each report is mapped to the unsketched ``G_n^2`` by the client optimizer's ``law``
+    (:func:`unsketched_sq_norm`). Mean of the first ``pilot`` reports, then EMA.
     """
     chex.assert_equal_shape([state.mean, mask, sq_norms])
-    sample = rho * sq_norms
+    sample = unsketched_sq_norm(sq_norms, rho, law)
     count = state.count + mask.astype(jnp.int32)
     weight = jnp.where(count <= pilot, 1.0 / jnp.maximum(count, 1), 1.0 - decay)
     mean = jnp.where(mask, state.mean + weight * (sample - state.mean), state.mean)

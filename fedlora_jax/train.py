@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from fedlora_jax import checkpoint, strategies, theory, wireless
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics as metrics_lib
+from fedlora_jax.aggregation import AdapterSizes, Aggregator, adapter_sizes
 from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
@@ -137,14 +138,18 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     train, clients, heldout, labels = _load_data(cfg, tokenizer, task)
     model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
-    strategies.get_strategy(cfg.strategy).adapt_model(model)
+    strategy = strategies.get_strategy(cfg.strategy)
+    strategy.adapt_model(model)
+    aggregator = strategy.aggregator(cfg.lora, cfg.federation)
     pool = ClientPool.from_partition(train, clients)
     parts = split_model(model)
-    profile, workload = make_profile(cfg, pool.num_clients), make_workload(cfg, parts)
+    profile, workload = make_profile(cfg, pool.num_clients), make_workload(cfg, parts, aggregator)
     engine = FederatedEngine(parts, pool, get_loss(task),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
                              server_optimizer=cfg.server_optimizer, federation=cfg.federation,
-                             clock=make_clock(cfg, profile, workload))
+                             clock=make_clock(cfg, profile, workload, aggregator,
+                                              adapter_sizes(parts.trainable)),
+                             aggregator=aggregator)
     return Setup(engine, heldout, labels, description, profile, workload)
 
 
@@ -154,27 +159,40 @@ def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.System
                                      cfg.system)
 
 
-def make_workload(cfg: config_lib.RunConfig, parts) -> wireless.WorkloadModel:
+def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator) -> wireless.WorkloadModel:
     """Per-client work of a round for this model, shared by the clock and the strategies' solver.
 
-    FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul); the
-    payload is the LoRA factors (scaled by each client's ``k/r`` in the time model).
+    FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul) and the
+    trained LoRA factors; the payload is what the aggregator says a full-rank client uploads
+    (FedSA-LoRA: ``A`` only), scaled by each client's ``k/r`` in the time model.
     """
     base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
                       if not any("embed" in str(p) for p in path))
-    lora_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.trainable)
-                      if path[-1] in ("lora_a", "lora_b"))
-    return wireless.workload_from_counts(
-        base_params, lora_params, cfg.client.batch_size * cfg.data.max_length, cfg.client.local_steps)
+    sizes = adapter_sizes(parts.trainable)
+    workload = wireless.workload_from_counts(
+        base_params, sizes.lora, cfg.client.batch_size * cfg.data.max_length, cfg.client.local_steps)
+    return dataclasses.replace(workload, payload_bits_full_rank=32.0 * aggregator.uploaded_lora_params(sizes))
 
 
 def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
-               workload: wireless.WorkloadModel):
-    """The simulated wall-clock of a round (:func:`wireless.round_time`): ``(mask, k) -> times``."""
-    rank = cfg.lora.rank
+               workload: wireless.WorkloadModel, aggregator: Aggregator, sizes: AdapterSizes):
+    """The simulated wall-clock of a round: ``(mask, k) -> times`` (seconds).
+
+    ``total`` = broadcast of the global adapter (:meth:`Aggregator.download_params`) + the clients'
+    compute and upload (:func:`wireless.round_time`, bandwidth allocated as configured) + the
+    server's aggregation work (:meth:`Aggregator.server_flops`)."""
+    rank, system = cfg.lora.rank, cfg.system
     adaptive = cfg.bandwidth_allocation == "adaptive"
-    return jax.jit(lambda mask, k: wireless.round_time(profile, cfg.system, workload, mask, k / rank,
-                                                       adaptive=adaptive))
+    server_flops = aggregator.server_flops(sizes)
+
+    def clock(mask, k):
+        times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
+        download_bits = 32.0 * aggregator.download_params(mask, k, rank, sizes)
+        phases = wireless.server_phases(system, download_bits, server_flops)
+        phases = jax.tree.map(lambda t: jnp.where(mask.any(), t, 0.0), phases)
+        return {**times, **phases, "total": times["total"] + phases["download"] + phases["server"]}
+
+    return jax.jit(clock)
 
 
 def allocation_record(setup: Setup, plan: strategies.Plan, system: wireless.SystemConfig
@@ -285,19 +303,20 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                         plan = strategy.plan(r, ctx, est)
                     before = jax.device_get(state.trainable)
                     new_state, result = engine.run_round(state, plan.q, plan.k)
-                    est = strategies.observe(est, ctx, plan, result.participants,
-                                             result.update_sq_norms,
-                                             strategies.tree_sq_norm(new_state.trainable, before))
+                    new_est = strategies.observe(est, ctx, plan, result.participants,
+                                                 result.update_sq_norms,
+                                                 strategies.tree_sq_norm(new_state.trainable, before))
                     row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
                     row.update(expected_participants=float(plan.q.sum()),
-                               mean_rank=float(plan.k.mean()), est_signal=est.signal,
-                               est_g2_mean=float(est.g2.mean()))
+                               mean_rank=float(plan.k.mean()), est_signal=new_est.signal,
+                               est_g2_mean=float(new_est.g2.mean()))
                     if r % cfg.eval_every == 0 or r == rounds:
                         row.update(_prefixed(engine.evaluate(new_state, setup.heldout), "eval_"))
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     history.append(row)
-                    state = new_state
+                    # the round is committed: state, estimates and next plan move together
+                    state, est, plan = new_state, new_est, strategy.revise(plan, result)
                     report(row)
                     if (every and r % every == 0) or r == rounds:
                         checkpoints.save(state, _host_tree(est, plan), elapsed_s=row["elapsed_s"])

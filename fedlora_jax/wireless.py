@@ -54,6 +54,10 @@ class SystemConfig:
       rayleigh_fading: multiply the path gain by an Exp(1) fading power.
       flops_median: median compute speed (FLOP/s) of the log-normal speed law.
       flops_log_sigma: standard deviation of log compute speed.
+      downlink_bps: broadcast rate of the base station (bit/s): the global adapter (FLoRA: the
+        stacked adapters) reaches the round's clients at this rate before they train.
+      server_flops_per_s: the server's speed for aggregation work beyond a weighted sum
+        (FlexLoRA's SVDs).
     """
 
     bandwidth_hz: float = 10e6
@@ -64,6 +68,8 @@ class SystemConfig:
     rayleigh_fading: bool = True
     flops_median: float = 1e12
     flops_log_sigma: float = 0.5
+    downlink_bps: float = 100e6
+    server_flops_per_s: float = 1e13
 
     def __post_init__(self):
         _require(self.bandwidth_hz > 0, "bandwidth_hz", self.bandwidth_hz,
@@ -76,6 +82,10 @@ class SystemConfig:
         _require(self.flops_log_sigma >= 0, "flops_log_sigma", self.flops_log_sigma, "give a value >= 0")
         _require(math.isfinite(self.noise_dbm_per_hz), "noise_dbm_per_hz", self.noise_dbm_per_hz,
                  "give a finite dBm/Hz, e.g. -174")
+        _require(self.downlink_bps > 0, "downlink_bps", self.downlink_bps,
+                 "give the broadcast rate in bit/s, e.g. 100e6")
+        _require(self.server_flops_per_s > 0, "server_flops_per_s", self.server_flops_per_s,
+                 "give FLOP/s > 0, e.g. 1e13")
 
     @property
     def noise_w_per_hz(self) -> float:
@@ -501,6 +511,14 @@ def round_time(profile: SystemProfile, sys: SystemConfig, workload: WorkloadMode
         star = jnp.argmax(jnp.where(mask, times.compute + upload_time(times, share), -jnp.inf))
     compute = jnp.where(mask.any(), times.compute[star], 0.0)
     return {"total": total, "compute": compute, "upload": total - compute}
+
+
+def server_phases(sys: SystemConfig, download_bits: jax.Array, server_flops: float | jax.Array
+                  ) -> dict[str, jax.Array]:
+    """Seconds of a round's server-side phases: the broadcast before local training
+    (``download_bits / downlink_bps``) and the aggregation work (``server_flops / speed``)."""
+    return {"download": download_bits / sys.downlink_bps,
+            "server": jnp.asarray(server_flops, jnp.float32) / sys.server_flops_per_s}
 
 
 # ----------------------------------------------------------------------------- expected round time

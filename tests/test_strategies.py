@@ -100,13 +100,25 @@ def test_adaptive_schedule_pilot_then_every_k_rounds():
         strategies.Adaptive(sampling_only=True, sketch_only=True)
 
 
-def test_adaptive_plans_beat_the_uniform_baseline_on_the_model():
+@dataclasses.dataclass(frozen=True)
+class _OptimizerContext(strategies.Context):
+    client_optimizer: str = "sgd"
+
+
+def _with_optimizer(ctx, name):
+    """``ctx`` with the run's client optimizer, which the strategies read as ``ctx.client_optimizer``."""
+    return _OptimizerContext(**{**vars(ctx), "client_optimizer": name})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_adaptive_plans_beat_the_uniform_baseline_on_the_model(optimizer):
     """After the pilot, each variant's plan is feasible and its predicted wall-clock
-    ``(alpha V + beta) E[T]`` is no worse than uniform full-rank sampling's."""
-    ctx = _context()
+    ``(alpha V + beta) E[T]`` (under the client optimizer's update law) is no worse than uniform
+    full-rank sampling's."""
+    ctx = _with_optimizer(_context(), optimizer)
     est = _estimates(ctx)
     problem = solver.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2, ctx.weights,
-                                  1.0 / est.signal, 1.0)
+                                  1.0 / est.signal, 1.0, law=theory.update_law(optimizer))
     cfg = solver.SolverConfig(rank=R)
     objective = lambda plan: float(solver.objective_terms(
         problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32), cfg)["objective"])
@@ -136,6 +148,22 @@ def test_observe_estimates_g2_and_signal():
     assert est.signal == pytest.approx(max(10.0 - v, 1.0), rel=1e-5) and est.reports == 1
     empty = strategies.observe(est, ctx, plan, np.zeros(0, np.int64), np.zeros(0), 0.0)
     assert empty.signal == est.signal and empty.reports == 1
+
+
+def test_observe_with_adam_clients_inflates_norms_and_unshrinks_the_signal():
+    """Adam-type clients: ``|delta_S|^2 ~ rho G^2``, so ``G^2 = |delta|^2 / rho``; the applied update's
+    mean is ``s = sum a rho`` of the unsketched one, so the signal is ``(|D|^2 - V_adam) / s^2``."""
+    ctx = _with_optimizer(_context(), "adamw")
+    plan = ctx.uniform(k=2)  # rho = 1/4
+    participants = np.array([1, 5])
+    sq = np.array([2.0, 6.0], np.float32)
+    est = strategies.observe(strategies.init_estimates(N), ctx, plan, participants, sq, 10.0)
+    np.testing.assert_allclose(est.g2[participants], 4.0 * sq)
+    rho = np.full(N, 0.25)
+    a = ctx.weights.astype(np.float64)
+    v = np.sum(a * a * est.g2 * (rho / plan.q - rho ** 2))
+    s = np.sum(a * rho)
+    assert est.signal == pytest.approx(max(10.0 - v, 1.0) / s ** 2, rel=1e-4)
 
 
 def test_tree_sq_norm():
@@ -176,8 +204,9 @@ def test_ffa_never_changes_a_and_sends_only_b():
     for path, v in nnx.to_flat_state(engine.parts.base):
         if path in frozen_a:
             np.testing.assert_array_equal(np.asarray(v[...]), frozen_a[path])
-    lora_b, head = engine.adapter_sizes
-    assert result.uplink_params == pytest.approx(engine.num_clients * (lora_b + head))
+    sizes = engine.adapter_sizes
+    assert sizes.lora_a == 0
+    assert result.uplink_params == pytest.approx(engine.num_clients * (sizes.lora_b + sizes.head))
     b_only = sum(np.asarray(v[...]).size for path, v in nnx.to_flat_state(engine.parts.trainable)
                  if path[-1] == "lora_b")
     assert setup.workload.payload_bits_full_rank == 32 * b_only

@@ -62,3 +62,78 @@ def test_alpha_beta_from_two_pilots():
         theory.fit_alpha_beta((10.0, 12.0), (1.0, 1.0))
     with pytest.raises(ValueError, match="never reached"):
         theory.rounds_to_target([3.0, 2.0], 1.0)
+
+
+@pytest.mark.parametrize("law", [theory.SGD_LAW, theory.ADAM_LAW])
+def test_update_law_recovers_unsketched_g2_from_synthetic_reports(law):
+    """Reports that scale as the law says (``|delta_S|^2 = rho^norm_power G^2``, noisy) give back
+    ``G^2`` whatever the mix of sketch ratios; the other law's deflation is off by ``rho^2``."""
+    n, rounds = 40, 300
+    g2 = jnp.linspace(0.5, 5.0, n)
+    other = theory.ADAM_LAW if law == theory.SGD_LAW else theory.SGD_LAW
+
+    def one_round(states, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        mask = jax.random.uniform(k1, (n,)) < 0.3
+        rho = jax.random.choice(k2, jnp.array([0.125, 0.25, 0.5, 1.0]), (n,))
+        report = g2 * rho ** law.norm_power * jax.random.gamma(k3, 50.0, (n,)) / 50.0
+        return tuple(theory.update_grad_norms(s, mask, report, rho, pilot=5, decay=0.98, law=l)
+                     for s, l in zip(states, (law, other))), None
+
+    init = (theory.init_grad_norms(n),) * 2
+    (right, wrong), _ = jax.jit(lambda keys: jax.lax.scan(one_round, init, keys))(
+        jax.random.split(jax.random.key(0), rounds))
+    np.testing.assert_allclose(theory.grad_norm_estimate(right), g2, rtol=0.15)
+    ratio = float(jnp.mean(theory.grad_norm_estimate(wrong) / g2))
+    assert ratio > 2.0 if law == theory.SGD_LAW else ratio < 0.5
+
+
+def test_update_law_by_optimizer_name():
+    assert theory.update_law("sgd") is theory.update_law("momentum") is theory.SGD_LAW
+    assert theory.update_law("adamw") is theory.update_law("adam") is theory.ADAM_LAW
+    with pytest.raises(ValueError, match="No update law for client optimizer 'lion'"):
+        theory.update_law("lion")
+    rho = jnp.array([0.25, 1.0])
+    np.testing.assert_allclose(theory.unsketched_sq_norm(jnp.array([8.0, 2.0]), rho, theory.SGD_LAW), [2.0, 2.0])
+    np.testing.assert_allclose(theory.unsketched_sq_norm(jnp.array([0.5, 2.0]), rho, theory.ADAM_LAW), [2.0, 2.0])
+
+
+def test_adam_law_variance_and_shrink_by_monte_carlo():
+    """Adam-type sketch = keep ``k`` of ``r`` coordinates at full size (no ``r/k`` rescale): the
+    applied update's mean is ``sum a rho u`` (``s |g|`` for a common direction) and its variance is
+    :func:`theory.aggregate_variance` with the Adam law."""
+    n, r, m = 6, 8, 100_000
+    u = jax.random.normal(jax.random.key(2), (n, r))
+    a = jnp.linspace(1.0, 2.0, n)
+    a = a / a.sum()
+    q = jnp.linspace(0.2, 1.0, n)
+    k = jnp.array([1, 2, 4, 8, 3, 6])
+    rho = k / r
+
+    def draw(key):
+        k1, k2 = jax.random.split(key)
+        part = jax.random.uniform(k1, (n,)) < q
+        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k2, (n, r)), axis=1), axis=1)
+        return jnp.sum((a * part / q)[:, None] * jnp.where(ranks < k[:, None], u, 0.0), 0)
+
+    d = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(3), m))
+    mean = jnp.sum((a * rho)[:, None] * u, 0)
+    np.testing.assert_allclose(d.mean(0), mean, atol=0.02)
+    law = theory.ADAM_LAW
+    np.testing.assert_allclose(jnp.mean(jnp.sum((d - mean) ** 2, 1)),
+                               theory.aggregate_variance(q, rho, jnp.sum(u * u, 1), a, law), rtol=0.02)
+    np.testing.assert_allclose(theory.step_shrink(rho, a, law), jnp.sum(a * rho), rtol=1e-6)
+
+
+def test_predicted_rounds_by_law():
+    """SGD: the noise-scale law ``alpha V + beta``; Adam at a common ``rho``: the same noise-to-signal
+    ratio, divided by ``rho^progress_power`` for the smaller mean step."""
+    n = 10
+    g2, a, q = jnp.linspace(1.0, 2.0, n), jnp.full(n, 0.1), jnp.full(n, 0.3)
+    alpha, beta = 2.0, 5.0
+    for rho in (1.0, 0.5, 0.125):
+        r = jnp.full(n, rho)
+        sgd = (alpha * theory.variance_term(q, r, g2, a) + beta) / 0.5
+        np.testing.assert_allclose(theory.predicted_rounds(q, r, g2, a, alpha, beta, 0.5), sgd, rtol=1e-6)
+        np.testing.assert_allclose(theory.predicted_rounds(q, r, g2, a, alpha, beta, 0.5, law=theory.ADAM_LAW),
+                                   sgd / rho ** theory.ADAM_LAW.progress_power, rtol=1e-5)

@@ -10,16 +10,28 @@ import dataclasses
 import difflib
 
 from fedlora_jax.strategies.adaptive import Adaptive
-from fedlora_jax.strategies.base import (Context, Estimates, Plan, Strategy, init_estimates,
-                                         observe, tree_sq_norm)
+from fedlora_jax.strategies.base import (
+    Context,
+    Estimates,
+    Plan,
+    Strategy,
+    init_estimates,
+    observe,
+    tree_sq_norm,
+)
 from fedlora_jax.strategies.fedit import FedIT
+from fedlora_jax.strategies.fedsa import FedSALoRA
 from fedlora_jax.strategies.ffa import FFALoRA
 from fedlora_jax.strategies.fixed import Fixed
+from fedlora_jax.strategies.flexlora import FlexLoRA
+from fedlora_jax.strategies.flora import FLoRA
 from fedlora_jax.strategies.fslora import FSLoRA
 from fedlora_jax.strategies.full import Full
+from fedlora_jax.strategies.hetlora import HetLoRA
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Fixed(), FedIT(), FFALoRA(), Full(), FSLoRA(), Adaptive(),
+    Fixed(), FedIT(), FFALoRA(), HetLoRA(), FlexLoRA(), FLoRA(), FedSALoRA(), Full(), FSLoRA(),
+    Adaptive(),
     Adaptive(name="luo", sampling_only=True),
     Adaptive(name="adaptive_sketch_only", sketch_only=True),
     Adaptive(name="adaptive_equal_bw", bandwidth="equal"),
@@ -81,6 +93,7 @@ def configure(cfg, strategy: Strategy | None = None):
     return cfg
 
 
-__all__ = ["Adaptive", "Context", "Estimates", "FFALoRA", "FSLoRA", "FedIT", "Fixed", "Full", "Plan",
+__all__ = ["Adaptive", "Context", "Estimates", "FFALoRA", "FLoRA", "FSLoRA", "FedIT", "FedSALoRA",
+           "Fixed", "FlexLoRA", "Full", "HetLoRA", "Plan",
            "STRATEGIES", "Strategy", "configure", "contradictions", "get_strategy",
            "init_estimates", "observe", "tree_sq_norm"]

@@ -5,7 +5,9 @@ the predicted wall-clock time ``(alpha V(q, rho) + beta) E[T](q, rho)``, re-solv
 - Then, and every ``resolve_every`` rounds, :mod:`fedlora_jax.solver` solves for ``(q, rho)`` with
   ``G_n^2`` and the signal ``|g|^2`` estimated online (:func:`base.observe`). ``alpha = 1/|g|^2``,
   ``beta = 1``: rounds grow as ``1 + V / |g|^2``, the gradient-noise-scale law (McCandlish et al.
-  2018: steps ``S = S_min (1 + B_noise / B)``); only ``beta / alpha`` matters to the argmin.
+  2018: steps ``S = S_min (1 + B_noise / B)``); only ``beta / alpha`` matters to the argmin. How a
+  sketch enters ``V`` and the step follows the client optimizer (:func:`theory.update_law`): for
+  Adam-type clients sketching also shrinks the mean update, which costs rounds.
 - Independent sampling with ``1 / q_n`` aggregation; adaptive bandwidth allocation.
 
 Ablations are flags: ``sampling_only`` (``rho = 1``, only ``q`` optimized: Luo et al.'s adaptive
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import solver as solver_lib
+from fedlora_jax import theory
 from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
 
 
@@ -75,12 +78,17 @@ class Adaptive(Strategy):
             q_min=min(self.q_min, ctx.q_default), rank=1 if self.sampling_only else ctx.rank,
             baseline_q=ctx.q_default, baseline_rho=1.0 if self.sampling_only else 1 / ctx.rank)
         problem = solver_lib.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2,
-                                          ctx.weights, 1.0 / est.signal, 1.0)
+                                          ctx.weights, 1.0 / est.signal, 1.0, law=client_law(ctx))
         if self.sketch_only:
             return ctx.uniform(np.asarray(sketch_only_ranks(problem, ctx.q_default, cfg)))
         result = solver_lib.solve_problem(problem, jax.random.key(round), cfg)
         k = np.full(ctx.num_clients, ctx.rank) if self.sampling_only else np.asarray(result.k)
         return Plan(np.asarray(result.q, np.float32), k.astype(np.int32))
+
+
+def client_law(ctx: Context) -> theory.UpdateLaw:
+    """The update law of the run's client optimizer (``ctx.client_optimizer``; SGD if absent)."""
+    return theory.update_law(getattr(ctx, "client_optimizer", "sgd"))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

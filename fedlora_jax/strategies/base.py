@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import theory, wireless
+from fedlora_jax.aggregation import Aggregator
+from fedlora_jax.engine import FederationConfig, RoundResult
+from fedlora_jax.lora import LoRAConfig
 
 
 class Plan(NamedTuple):
@@ -91,24 +94,28 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
             decay: float = 0.9) -> Estimates:
     """Folds one round into the estimates.
 
-    ``update_sq_norms`` are the participants' ``|delta_n|^2``; ``applied_sq_norm`` is ``|D|^2`` of
-    the round's aggregate. The signal sample is ``|D|^2 - V(q, rho)`` at the current ``G_n^2``,
-    floored at a tenth of ``|D|^2``; mean of the first ``pilot`` rounds, then an EMA.
+    ``update_sq_norms`` are the participants' ``|delta_n|^2``, mapped to the unsketched ``G_n^2`` by
+    the client optimizer's :func:`theory.update_law` (``ctx.client_optimizer``; SGD if absent);
+    ``applied_sq_norm`` is ``|D|^2`` of the round's aggregate. ``E|D|^2 = s^2 |g|^2 + V_law``
+    (:func:`theory.aggregate_variance`, :func:`theory.step_shrink`), so the signal sample is
+    ``(|D|^2 - V_law) / s^2`` at the current ``G_n^2``, its numerator floored at a tenth of ``|D|^2``;
+    mean of the first ``pilot`` rounds, then an EMA.
     """
+    law = theory.update_law(getattr(ctx, "client_optimizer", "sgd"))
     n = ctx.num_clients
     mask = np.zeros(n, bool)
     mask[participants] = True
     sq = np.zeros(n, np.float32)
     sq[participants] = update_sq_norms
-    rho = plan.k / ctx.rank
-    grad_norms = theory.update_grad_norms(est.grad_norms, jnp.asarray(mask), jnp.asarray(sq),
-                                          jnp.asarray(rho, jnp.float32), pilot=pilot, decay=decay)
+    rho = jnp.asarray(plan.k / ctx.rank, jnp.float32)
+    grad_norms = theory.update_grad_norms(est.grad_norms, jnp.asarray(mask), jnp.asarray(sq), rho,
+                                          pilot=pilot, decay=decay, law=law)
     if not participants.size:
         return dataclasses.replace(est, grad_norms=grad_norms)
-    g2 = np.asarray(theory.grad_norm_estimate(grad_norms))
-    v = float(theory.variance_term(jnp.asarray(plan.q), jnp.asarray(rho, jnp.float32),
-                                   jnp.asarray(g2), jnp.asarray(ctx.weights)))
-    sample = max(applied_sq_norm - v, 0.1 * applied_sq_norm)
+    g2, a = theory.grad_norm_estimate(grad_norms), jnp.asarray(ctx.weights)
+    v = float(theory.aggregate_variance(jnp.asarray(plan.q), rho, g2, a, law))
+    s = float(theory.step_shrink(rho, a, law))
+    sample = max(applied_sq_norm - v, 0.1 * applied_sq_norm) / s ** 2
     reports = est.reports + 1
     weight = 1.0 / reports if reports <= pilot else 1.0 - decay
     return Estimates(grad_norms, est.signal + weight * (sample - est.signal), reports)
@@ -133,6 +140,17 @@ class Strategy:
 
     def adapt_model(self, model) -> None:
         """Changes the LoRA model in place before it is split (FFA-LoRA freezes ``A``)."""
+
+    def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
+        """How the engine starts clients and aggregates their updates (default: FSLoRA's rule,
+        random sketches and ``a_n I_n / q_n``-weighted deltas; :mod:`fedlora_jax.aggregation`)."""
+        del lora
+        return Aggregator(shared_sketch=federation.shared_sketch)
+
+    def revise(self, plan: Plan, result: RoundResult) -> Plan:
+        """The plan for the next round, after seeing a round's result (HetLoRA prunes ranks)."""
+        del result
+        return plan
 
     def due(self, round: int) -> bool:
         """Whether to plan again before 1-based ``round`` (round 1 is always planned)."""

@@ -1,0 +1,71 @@
+"""``flexlora`` (FlexLoRA, Bai et al. 2024): heterogeneous ranks by resource tier; the server
+averages the clients' full adapter products ``A_n B_n`` and redistributes the best rank-``r``
+approximation of the average by SVD, so a client of rank ``k_n`` receives the best rank-``k_n``
+approximation (the first ``k_n`` components, in decreasing singular value).
+
+The global adapter is kept as the rank-``r`` SVD factors ``A = U_r S_r^(1/2)``,
+``B = S_r^(1/2) V_r^T``; heads are averaged as in FedAvg. The server's SVDs are charged to the round
+(:func:`~fedlora_jax.aggregation.svd_flops` at ``system.server_flops_per_s``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedlora_jax.aggregation import (
+    AdapterSizes,
+    Aggregator,
+    ProductAggregator,
+    lora_from,
+    map_factors,
+    svd_flops,
+    truncated_svd_factors,
+)
+from fedlora_jax.engine import FederationConfig
+from fedlora_jax.lora import LoRAConfig
+from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
+from fedlora_jax.strategies.fslora import tier_ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAAggregator(ProductAggregator):
+    def finish(self, trainable, server, total, weight_sum):
+        products, deltas = self.averages(total, weight_sum)
+
+        def redistribute(layer, a, b):
+            new_a, new_b = truncated_svd_factors(products[layer], a.shape[-1])
+            return (jnp.where(weight_sum > 0, new_a - a, 0.0),
+                    jnp.where(weight_sum > 0, new_b - b, 0.0))
+
+        # the global factors in place of the LoRA leaves, the mean head deltas elsewhere
+        return map_factors(lora_from(trainable, deltas), redistribute), server
+
+    def server_flops(self, sizes: AdapterSizes) -> float:
+        return sum(svd_flops(d_in, d_out) for d_in, d_out in sizes.layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexLoRA(Strategy):
+    name: str = "flexlora"
+    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
+    sampling: ClassVar[str] = "uniform"
+
+    def __post_init__(self):
+        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
+            raise ValueError(f"flexlora ratios must be a non-empty tuple in (0, 1], got {self.ratios!r}.")
+
+    def settings(self) -> dict[str, tuple[Any, str]]:
+        return {**super().settings(),
+                "federation.sketch_ratio": (None, f"flexlora sets each client's rank from its "
+                                                  f"compute tier {self.ratios}")}
+
+    def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
+        return FlexLoRAAggregator()
+
+    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
+        del round, est
+        return ctx.uniform(tier_ranks(np.asarray(ctx.profile.flops_per_s), self.ratios, ctx.rank))
