@@ -84,6 +84,8 @@ class RunConfig:
 
     ``strategy`` names a registered strategy (:mod:`fedlora_jax.strategies`; ``fixed`` runs the
     federation settings as given); the settings it pins must be left at their defaults or agree.
+    ``strategy_options`` sets the strategy's own parameters (its dataclass fields), e.g.
+    ``--set strategy_options.pilot_rounds=3`` for ``adaptive``.
     """
 
     model: ModelConfig = ModelConfig()
@@ -98,6 +100,7 @@ class RunConfig:
     system: SystemConfig = SystemConfig()
     bandwidth_allocation: str = "adaptive"
     strategy: str = "fixed"
+    strategy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_every: int = 5
     checkpoint_every: int = 10
     output_dir: str = "runs/latest"
@@ -105,7 +108,7 @@ class RunConfig:
     def __post_init__(self):
         from fedlora_jax import strategies  # strategies import the component configs
 
-        reasons = strategies.contradictions(strategies.get_strategy(self.strategy), self)
+        reasons = strategies.contradictions(strategies.strategy_of(self), self)
         if reasons:
             raise ValueError(" ".join(reasons))
         if self.bandwidth_allocation not in ("adaptive", "equal"):

@@ -94,6 +94,7 @@ class Problem:
     alpha: jax.Array        # ()
     beta: jax.Array         # ()
     bandwidth_hz: jax.Array  # ()
+    overhead_s: jax.Array   # () seconds every round adds to the clients' phase (broadcast, server)
     workload: wireless.WorkloadModel = struct.field(pytree_node=False)
     law: theory.UpdateLaw = struct.field(pytree_node=False, default=theory.SGD_LAW)  # client optimizer's
 
@@ -111,9 +112,11 @@ class SolveResult:
 
 def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
                  g2: jax.Array, a: jax.Array, alpha: float, beta: float,
-                 law: theory.UpdateLaw = theory.SGD_LAW) -> Problem:
+                 law: theory.UpdateLaw = theory.SGD_LAW, overhead_s: float = 0.0) -> Problem:
     """Check the inputs (before any expensive work) and pack them as a :class:`Problem`; ``law`` is
-    the clients' :class:`theory.UpdateLaw` (how a sketch changes their updates)."""
+    the clients' :class:`theory.UpdateLaw` (how a sketch changes their updates); ``overhead_s``
+    the seconds every round costs besides the clients' compute and upload (the broadcast of the
+    global adapter, the server's aggregation), added to ``E[T]``."""
     wireless.validate_profile(profile)
     n = profile.num_clients
     for name, x in (("G2", g2), ("a", a)):
@@ -122,12 +125,14 @@ def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, wo
         wireless._require(np.isfinite(x) & (x >= 0), name, f"min {x.min()}", "values must be finite and >= 0")
     wireless._require(np.isfinite(alpha) and alpha > 0, "alpha", alpha, "give alpha > 0 (theory.fit_alpha_beta)")
     wireless._require(np.isfinite(beta) and beta > 0, "beta", beta, "give beta > 0 (theory.fit_alpha_beta)")
+    wireless._require(np.isfinite(overhead_s) and overhead_s >= 0, "overhead_s", overhead_s,
+                      "give the per-round server-side seconds, >= 0")
     f = jnp.float32
     return Problem(flops_per_s=jnp.asarray(profile.flops_per_s, f),
                    snr_bw=jnp.asarray(profile.power_w * profile.gain / sys.noise_w_per_hz, f),
                    g2=jnp.asarray(g2, f), a=jnp.asarray(a, f), alpha=jnp.asarray(alpha, f),
-                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f), workload=workload,
-                   law=law)
+                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f),
+                   overhead_s=jnp.asarray(overhead_s, f), workload=workload, law=law)
 
 
 def problem_times(problem: Problem, rho: jax.Array) -> wireless.ClientTimes:
@@ -136,12 +141,14 @@ def problem_times(problem: Problem, rho: jax.Array) -> wireless.ClientTimes:
 
 
 def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> jax.Array:
-    """The configured smooth surrogate of ``E[T](q, rho)``."""
+    """The configured smooth surrogate of ``E[T](q, rho)``, plus the per-round overhead."""
     times = problem_times(problem, rho)
     if cfg.surrogate == "normal":
-        return wireless.expected_round_time_normal(times, q, problem.bandwidth_hz, cfg.quad_points,
-                                                   iters=cfg.support_iters)
-    return wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters)
+        clients = wireless.expected_round_time_normal(times, q, problem.bandwidth_hz,
+                                                      cfg.quad_points, iters=cfg.support_iters)
+    else:
+        clients = wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters)
+    return clients + problem.overhead_s
 
 
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:

@@ -138,7 +138,7 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     train, clients, heldout, labels = _load_data(cfg, tokenizer, task)
     model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
-    strategy = strategies.get_strategy(cfg.strategy)
+    strategy = strategies.strategy_of(cfg)
     strategy.adapt_model(model)
     aggregator = strategy.aggregator(cfg.lora, cfg.federation)
     pool = ClientPool.from_partition(train, clients)
@@ -207,12 +207,17 @@ def allocation_record(setup: Setup, plan: strategies.Plan, system: wireless.Syst
 
 
 def strategy_context(cfg: config_lib.RunConfig, setup: Setup) -> strategies.Context:
-    """What the run's strategy may know: sizes, data weights, network and workload."""
+    """What the run's strategy may know: sizes, data weights, network, workload and the per-round
+    server-side time (broadcast of the full-rank adapter and aggregation work)."""
     engine = setup.engine
+    n, agg, sizes = engine.num_clients, engine.aggregator, engine.adapter_sizes
+    download = agg.download_params(np.ones(n, bool), np.full(n, engine.rank), engine.rank, sizes)
+    overhead = wireless.server_phases(cfg.system, 32.0 * float(download), agg.server_flops(sizes))
     return strategies.Context(
-        rank=engine.rank, q_default=min(1.0, cfg.federation.participants / engine.num_clients),
+        rank=engine.rank, q_default=min(1.0, cfg.federation.participants / n),
         sketch_ratio=cfg.federation.sketch_ratio, weights=np.asarray(engine.pool.weights),
-        profile=setup.profile, system=cfg.system, workload=setup.workload)
+        profile=setup.profile, system=cfg.system, workload=setup.workload,
+        round_overhead_s=float(sum(overhead.values())))
 
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
@@ -269,7 +274,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     (checkpointed with the plan in use, so a resumed run plans as the uninterrupted one).
     """
     cfg = strategies.configure(cfg)
-    strategy = strategies.get_strategy(cfg.strategy)
+    strategy = strategies.strategy_of(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -363,6 +368,6 @@ def summary(history: list[dict]) -> str:
         f"  participants / round   mean {participants.mean():.1f}, min {participants.min()}, "
         f"max {participants.max()}",
         f"  uplink volume          {uplink / 1e6:.2f} M parameters ({uplink * 4 / 2**20:.1f} MiB fp32)",
-        f"  simulated wall-clock   {last.get('sim_clock_s', 0.0):.4g} s (compute + upload, "
-        "adaptive bandwidth)" if rounds else "",
+        f"  simulated wall-clock   {last.get('sim_clock_s', 0.0):.4g} s (download + compute + "
+        "upload + server)" if rounds else "",
         f"  wall time              {last.get('elapsed_s', 0.0):.1f} s"])

@@ -108,3 +108,21 @@ def test_cli_validates_everything_before_running(tmp_path):
     assert proc.returncode == 2
     assert "lora.rank must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_strategy_options_set_a_strategys_parameters_and_typos_name_the_closest():
+    from fedlora_jax import strategies
+
+    cfg = load_config(None, ["strategy=hetlora", "strategy_options.ratios=[0.25,0.5]",
+                             "strategy_options.prune_below=0"])
+    strategy = strategies.strategy_of(cfg)
+    assert (strategy.name, strategy.ratios, strategy.prune_below) == ("hetlora", (0.25, 0.5), 0.0)
+    assert strategies.strategy_of(load_config(None, ["strategy=luo"])).sampling_only  # kept
+    with pytest.raises(ValueError, match="Did you mean 'strategy_options.pilot_rounds'"):
+        load_config(None, ["strategy=adaptive", "strategy_options.pilot_round=3"])
+    with pytest.raises(ValueError, match="strategy_options.pilot_rounds must be an integer"):
+        load_config(None, ["strategy=adaptive", "strategy_options.pilot_rounds=x"])
+    with pytest.raises(ValueError, match="hetlora ratios must be"):
+        load_config(None, ["strategy=hetlora", "strategy_options.ratios=[2.0]"])
+    with pytest.raises(ValueError, match="strategy_options must be a table"):
+        load_config(None, ["strategy_options=3"])

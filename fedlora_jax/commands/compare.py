@@ -25,7 +25,10 @@ EXAMPLE = textwrap.dedent("""\
       fedlora-jax compare --model tiny --set eval_every=2 --output-dir runs/cmp
 
     The target defaults to 90% of the best held-out accuracy any run reached. Evaluation runs every
-    round unless --set eval_every=N says otherwise (time to target is read at evaluations).""")
+    round unless --set eval_every=N says otherwise (time to target is read at evaluations).
+    Runs that finished before in OUTPUT_DIR with the same settings are reused, so an interrupted
+    comparison continues where it stopped and strategies can be added later; delete a run's
+    folder (OUTPUT_DIR/STRATEGY/seedS) to redo it.""")
 
 DEFAULT_STRATEGIES = "adaptive,luo,fslora,fedit,full"
 
@@ -158,11 +161,27 @@ def run_all(base_overrides: list[str], names: list[str], seeds: list[int], out: 
     runs: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
     with open(out / "metrics.jsonl", "w") as f:
         for (name, seed), cfg in cfgs.items():
-            log(f"compare: {name}, seed {seed}")
-            rows = train(cfg, progress="none", log=lambda *_: None)
+            rows = finished_run(cfg)
+            log(f"compare: {name}, seed {seed}" + (" (finished before: reused)" if rows else ""))
+            rows = rows or train(cfg, progress="none", log=lambda *_: None)
             runs[name][seed] = rows
             f.writelines(json.dumps({"strategy": name, "seed": seed, **row}) + "\n" for row in rows)
     return runs
+
+
+def finished_run(cfg) -> list[dict] | None:
+    """The metrics of a run that already finished in ``cfg.output_dir`` with the same settings
+    (so an interrupted comparison picks up where it stopped), else None."""
+    from fedlora_jax import metrics
+    from fedlora_jax.config import to_dict
+
+    out = Path(cfg.output_dir)
+    try:
+        same = json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+        rows = metrics.read_rows(out) if same else []
+    except (OSError, ValueError):
+        return None
+    return rows if rows and rows[-1].get("round") == cfg.federation.rounds else None
 
 
 def _parse_list(text: str, kind, what: str) -> list:

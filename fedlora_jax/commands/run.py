@@ -18,6 +18,8 @@ EXAMPLE = textwrap.dedent("""\
       fedlora-jax run --preset fslora-glue --model /path/to/roberta_dir --data train.tsv
       fedlora-jax run --resume --output-dir runs/latest --rounds 40   # continue a run to 40 rounds
       fedlora-jax run --preset tiny --jsonl --output-dir runs/job7 > progress.jsonl
+      fedlora-jax run --strategy adaptive --set strategy_options.pilot_rounds=3
+      fedlora-jax run --strategy hetlora --set strategy_options.ratios=[0.25,0.5,1.0]
 
     Every option of the config (printed at start, saved as OUTPUT_DIR/config.json) can be set
     with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
@@ -32,6 +34,13 @@ def _preset_help() -> str:
     from fedlora_jax.presets import PRESETS
     return "named settings: " + "; ".join(f"'{name}': {p.description}"
                                           for name, p in PRESETS.items())
+
+
+def _strategy_help() -> str:
+    from fedlora_jax.strategies import STRATEGIES
+    return ("how clients are sampled, sketched and aggregated (default 'fixed': the federation "
+            f"settings as given): {', '.join(STRATEGIES)}; a strategy's own parameters are set "
+            "with --set strategy_options.NAME=VALUE (docs/results.md lists them)")
 
 
 def register(subparsers) -> None:
@@ -51,6 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=int, help="communication rounds (default 20)")
     p.add_argument("--clients", type=int, help="number of clients (default 50)")
     p.add_argument("--seed", type=int, help="seed of the run (default 0)")
+    p.add_argument("--strategy", help=_strategy_help())
     p.add_argument("--output-dir", help="where config, metrics, checkpoints and figures go "
                                         "(default runs/latest)")
     p.add_argument("--resume", action="store_true",
@@ -65,7 +75,7 @@ def register(subparsers) -> None:
 
 def overrides_from_args(args) -> list[str]:
     shortcuts = {"model": "model.source", "data": "data.source", "rounds": "federation.rounds",
-                 "clients": "data.num_clients", "seed": "federation.seed",
+                 "clients": "data.num_clients", "seed": "federation.seed", "strategy": "strategy",
                  "output_dir": "output_dir"}
     return [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
             if getattr(args, name) is not None] + args.overrides

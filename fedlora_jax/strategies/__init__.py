@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 
 from fedlora_jax.strategies.adaptive import Adaptive
 from fedlora_jax.strategies.base import (
@@ -48,6 +49,31 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
+def strategy_of(cfg) -> Strategy:
+    """The run's strategy: ``cfg.strategy`` with the parameters in ``cfg.strategy_options``
+    (e.g. ``{"pilot_rounds": 3}`` for ``adaptive``, ``{"ratios": [0.25, 0.5]}`` for ``fslora``);
+    an unknown parameter names the closest valid one."""
+    from fedlora_jax.config import _closest, _coerce
+
+    strategy = get_strategy(cfg.strategy)
+    options = cfg.strategy_options
+    if not isinstance(options, dict):
+        raise ValueError(f"strategy_options must be a table of the strategy's parameters, got "
+                         f"{options!r}; e.g. --set strategy_options.pilot_rounds=3.")
+    params = {f.name for f in dataclasses.fields(strategy) if f.name != "name"}
+    hints = typing.get_type_hints(type(strategy))
+    values = {}
+    for key, value in options.items():
+        if key not in params:
+            raise ValueError(f"Unknown parameter strategy_options.{key} of strategy "
+                             f"{strategy.name!r}.{_closest(key, params, 'strategy_options')}")
+        try:
+            values[key] = _coerce(value, hints[key], f"strategy_options.{key}")
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+    return dataclasses.replace(strategy, **values)
+
+
 def _get(cfg, path: str):
     for part in path.split("."):
         cfg = getattr(cfg, part)
@@ -83,7 +109,7 @@ def contradictions(strategy: Strategy, cfg) -> list[str]:
 
 def configure(cfg, strategy: Strategy | None = None):
     """``cfg`` with its strategy's pinned settings applied; ValueError on a contradiction."""
-    strategy = strategy or get_strategy(cfg.strategy)
+    strategy = strategy or strategy_of(cfg)
     reasons = contradictions(strategy, cfg)
     if reasons:
         raise ValueError(" ".join(reasons))
@@ -95,5 +121,5 @@ def configure(cfg, strategy: Strategy | None = None):
 
 __all__ = ["Adaptive", "Context", "Estimates", "FFALoRA", "FLoRA", "FSLoRA", "FedIT", "FedSALoRA",
            "Fixed", "FlexLoRA", "Full", "HetLoRA", "Plan",
-           "STRATEGIES", "Strategy", "configure", "contradictions", "get_strategy",
+           "STRATEGIES", "Strategy", "configure", "contradictions", "get_strategy", "strategy_of",
            "init_estimates", "observe", "tree_sq_norm"]

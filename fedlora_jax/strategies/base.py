@@ -44,6 +44,8 @@ class Context:
       sketch_ratio: the configured ``rho`` (``federation.sketch_ratio``).
       weights: data weights ``a_n`` (N,).
       profile, system, workload: the simulated network and per-client work (as the clock uses them).
+      round_overhead_s: seconds every round costs besides the clients' phase (the broadcast of
+        the global adapter and the server's work under the run's aggregation rule).
     """
 
     rank: int
@@ -53,6 +55,7 @@ class Context:
     profile: wireless.SystemProfile
     system: wireless.SystemConfig
     workload: wireless.WorkloadModel
+    round_overhead_s: float = 0.0
 
     @property
     def num_clients(self) -> int:
