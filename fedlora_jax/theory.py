@@ -72,9 +72,9 @@ def unsketched_sq_norm(sq_norms: jax.Array, rho: jax.Array, law: UpdateLaw = SGD
 
 
 def step_shrink(rho: jax.Array, a: jax.Array, law: UpdateLaw = SGD_LAW) -> jax.Array:
-    """``s = sum_n a_n rho_n^shrink_power``: the aggregate's mean update over the unsketched one
-    (1 for SGD; the data-weighted mean ``rho`` for Adam)."""
-    return jnp.sum(a * rho ** law.shrink_power)
+    """``s = sum_n a_n rho_n^shrink_power / sum_n a_n``: the aggregate's mean update over the
+    unsketched one (1 for SGD; the data-weighted mean ``rho`` for Adam)."""
+    return jnp.sum(a * rho ** law.shrink_power) / jnp.sum(a)
 
 
 def aggregate_variance(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array,
@@ -104,8 +104,8 @@ def predicted_rounds(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array, 
 class GradNormState:
     """Running estimate of each client's update second moment ``G_n^2``.
 
-    ``total``/``count`` hold the plain mean over a client's first ``pilot`` reports; afterwards
-    ``mean`` follows an exponential moving average so the estimate tracks training.
+    ``mean`` is the plain mean of a client's first ``pilot`` reports (``count`` of them), then an
+    exponential moving average so the estimate tracks training.
     """
 
     mean: jax.Array   # (N,) current estimate of G_n^2 (0 where never seen)

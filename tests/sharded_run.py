@@ -50,6 +50,26 @@ def main(argv: list[str]) -> None:
                 results[f"{tag}_param{i}"] = np.asarray(leaf)
             results[f"{tag}_traces"] = np.int64(len(traces))
             results[f"{tag}_chunk_size"] = np.int64(eng.chunk_size)
+    # the aggregation rules with client state (FedSA), stacking into the base (FLoRA) and a
+    # normalized, norm-weighted average (HetLoRA): chunk 12, padded to 16 on 8 devices
+    from fedlora_jax.strategies.fedsa import FedSAAggregator
+    from fedlora_jax.strategies.flora import FLoRAAggregator
+    from fedlora_jax.strategies.hetlora import HetLoRAAggregator
+    rules = {"fedsa": FedSAAggregator(), "flora": FLoRAAggregator(scaling=2.0),
+             "hetlora": HetLoRAAggregator()}
+    k = np.arange(pool.num_clients) % 4 + 1
+    for name, aggregator in rules.items():
+        for devices in (1, args.devices):
+            eng = FederatedEngine(parts, pool, _counting_loss()[0], client=ClientConfig(2, 4),
+                                  client_optimizer=OptimizerConfig("adamw", 1e-2),
+                                  federation=FederationConfig(participants=9.0, chunk_size=12,
+                                                              devices=devices),
+                                  aggregator=aggregator)
+            state = eng.init(seed=5)
+            for _ in range(args.rounds):
+                state, _ = eng.run_round(state, k=k)
+            for i, leaf in enumerate(jax.tree.leaves((state.trainable, state.agg))):
+                results[f"{name}_dev{devices}_state{i}"] = np.asarray(leaf)
     bad = {"small_chunk": dict(federation=FederationConfig(chunk_size=3, devices=args.devices)),
            "mesh_mismatch": dict(federation=FederationConfig(devices=4),
                                  mesh=jax.make_mesh((2,), ("clients",), devices=jax.devices()[:2]))}

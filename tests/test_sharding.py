@@ -56,6 +56,16 @@ def test_sharded_equals_unsharded(sharded, chunk):
                                    atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["fedsa", "flora", "hetlora"])
+def test_sharded_aggregation_rules_equal_unsharded(sharded, rule):
+    """Per-client rows scattered from every device, stacked products and weight sums psum-ed."""
+    one, many = f"{rule}_dev1_state", f"{rule}_dev{DEVICES}_state"
+    leaves = sorted(k[len(one):] for k in sharded if k.startswith(one))
+    assert len(leaves) > 4
+    for i in leaves:
+        np.testing.assert_allclose(sharded[many + i], sharded[one + i], atol=1e-6, rtol=1e-5)
+
+
 def test_sharded_run_compiles_once(sharded):
     for chunk in (8, 12):
         assert int(sharded[f"chunk{chunk}_dev{DEVICES}_traces"]) == 1
