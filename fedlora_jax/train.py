@@ -217,7 +217,8 @@ def strategy_context(cfg: config_lib.RunConfig, setup: Setup) -> strategies.Cont
         rank=engine.rank, q_default=min(1.0, cfg.federation.participants / n),
         sketch_ratio=cfg.federation.sketch_ratio, weights=np.asarray(engine.pool.weights),
         profile=setup.profile, system=cfg.system, workload=setup.workload,
-        round_overhead_s=float(sum(overhead.values())))
+        round_overhead_s=float(sum(overhead.values())),
+        client_optimizer=cfg.client_optimizer.name)
 
 
 PROGRESS_MODES = ("bar", "jsonl", "none")

@@ -100,14 +100,9 @@ def test_adaptive_schedule_pilot_then_every_k_rounds():
         strategies.Adaptive(sampling_only=True, sketch_only=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class _OptimizerContext(strategies.Context):
-    client_optimizer: str = "sgd"
-
-
 def _with_optimizer(ctx, name):
     """``ctx`` with the run's client optimizer, which the strategies read as ``ctx.client_optimizer``."""
-    return _OptimizerContext(**{**vars(ctx), "client_optimizer": name})
+    return dataclasses.replace(ctx, client_optimizer=name)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

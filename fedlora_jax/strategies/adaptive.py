@@ -78,17 +78,14 @@ class Adaptive(Strategy):
             q_min=min(self.q_min, ctx.q_default), rank=1 if self.sampling_only else ctx.rank,
             baseline_q=ctx.q_default, baseline_rho=1.0 if self.sampling_only else 1 / ctx.rank)
         problem = solver_lib.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2,
-                                          ctx.weights, 1.0 / est.signal, 1.0, law=client_law(ctx))
+                                          ctx.weights, 1.0 / est.signal, 1.0,
+                                          law=theory.update_law(ctx.client_optimizer),
+                                          overhead_s=ctx.round_overhead_s)
         if self.sketch_only:
             return ctx.uniform(np.asarray(sketch_only_ranks(problem, ctx.q_default, cfg)))
         result = solver_lib.solve_problem(problem, jax.random.key(round), cfg)
         k = np.full(ctx.num_clients, ctx.rank) if self.sampling_only else np.asarray(result.k)
         return Plan(np.asarray(result.q, np.float32), k.astype(np.int32))
-
-
-def client_law(ctx: Context) -> theory.UpdateLaw:
-    """The update law of the run's client optimizer (``ctx.client_optimizer``; SGD if absent)."""
-    return theory.update_law(getattr(ctx, "client_optimizer", "sgd"))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

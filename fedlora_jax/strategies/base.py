@@ -7,9 +7,10 @@ sampling scheme, the sketch ratio, the bandwidth allocation); a setting the user
 default to something else is a contradiction, rejected with the strategy's reason.
 
 The estimates (:class:`Estimates`) are host-side and updated after every round by :func:`observe`:
-``G_n^2`` from the clients' update norms (:mod:`fedlora_jax.theory`) and the signal ``|g|^2``, the
-squared norm of the full-participation mean update, from the applied update ``|D|^2`` minus the
-predicted variance ``V`` (``E|D|^2 = |g|^2 + V``).
+``G_n^2`` from the clients' update norms, mapped to unsketched norms by the client optimizer's
+update law (:func:`fedlora_jax.theory.update_law`), and the signal ``|g|^2``, the squared norm of
+the full-participation mean update, from the applied update ``|D|^2``:
+``E|D|^2 = s^2 |g|^2 + V`` (``s``: the law's step shrink, 1 for SGD).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Context:
       profile, system, workload: the simulated network and per-client work (as the clock uses them).
       round_overhead_s: seconds every round costs besides the clients' phase (the broadcast of
         the global adapter and the server's work under the run's aggregation rule).
+      client_optimizer: the clients' optimizer name; selects :func:`theory.update_law`.
     """
 
     rank: int
@@ -56,6 +58,7 @@ class Context:
     system: wireless.SystemConfig
     workload: wireless.WorkloadModel
     round_overhead_s: float = 0.0
+    client_optimizer: str = "sgd"
 
     @property
     def num_clients(self) -> int:
@@ -98,13 +101,13 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
     """Folds one round into the estimates.
 
     ``update_sq_norms`` are the participants' ``|delta_n|^2``, mapped to the unsketched ``G_n^2`` by
-    the client optimizer's :func:`theory.update_law` (``ctx.client_optimizer``; SGD if absent);
+    the client optimizer's :func:`theory.update_law` (``ctx.client_optimizer``);
     ``applied_sq_norm`` is ``|D|^2`` of the round's aggregate. ``E|D|^2 = s^2 |g|^2 + V_law``
     (:func:`theory.aggregate_variance`, :func:`theory.step_shrink`), so the signal sample is
     ``(|D|^2 - V_law) / s^2`` at the current ``G_n^2``, its numerator floored at a tenth of ``|D|^2``;
     mean of the first ``pilot`` rounds, then an EMA.
     """
-    law = theory.update_law(getattr(ctx, "client_optimizer", "sgd"))
+    law = theory.update_law(ctx.client_optimizer)
     n = ctx.num_clients
     mask = np.zeros(n, bool)
     mask[participants] = True
