@@ -92,6 +92,12 @@ def map_factors(tree, fn, head_fn=lambda x: x):
     return jax.tree_util.tree_map_with_path(replace, tree)
 
 
+def head_sq_norm(tree) -> jax.Array:
+    """``|heads|^2``: the squared norm of the leaves that are not LoRA factors (never sketched)."""
+    return sum((jnp.sum(leaf ** 2) for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if _names(key_path)[-1] not in ("lora_a", "lora_b")), jnp.float32(0.0))
+
+
 def adapter_sizes(trainable: nnx.State) -> AdapterSizes:
     leaves = _lora_leaves(trainable)
     a = sum(f["lora_a"].size for f in leaves.values() if "lora_a" in f)

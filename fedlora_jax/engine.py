@@ -30,12 +30,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from fedlora_jax import sampling
-from fedlora_jax.aggregation import (
-    Aggregator,
-    AggregatorState,
-    adapter_sizes,
-    check_client_state_memory,
-)
+from fedlora_jax.aggregation import (Aggregator, AggregatorState, adapter_sizes,
+                                     check_client_state_memory, head_sq_norm)
 from fedlora_jax.client import ClientConfig, LossFn, ModelParts, train_clients
 from fedlora_jax.data.pool import ClientPool, iterate_batches, sample_batches
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
@@ -109,7 +105,8 @@ class RoundResult:
 
     participants: np.ndarray  # (P,) client ids
     update_sq_norms: np.ndarray  # (P,) ||delta_n||^2, for the G_n estimators
-    reports: dict[str, np.ndarray]  # (P,) per-client scalars of the aggregator (Aggregator.report)
+    reports: dict[str, np.ndarray]  # (P,) per client: head_sq_norm (the unsketched heads' part of
+    # update_sq_norms) and the aggregator's scalars (Aggregator.report)
     train_loss: float
     train_accuracy: float
     uplink_params: float
@@ -200,6 +197,7 @@ def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, block_siz
                                    agg_clients, new_rows)
     reports = {"sq_norm": sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1)
                               for d in jax.tree.leaves(deltas)),
+               "head_sq_norm": jax.vmap(head_sq_norm)(deltas),
                **jax.vmap(aggregator.report)(starts, deltas, sketches)}
     metrics = jax.tree.map(lambda m: jax.lax.psum(jnp.where(valid, m, 0).sum(), CLIENTS), metrics)
     return acc, agg_clients, jax.tree.map(gather, reports), metrics
@@ -330,7 +328,8 @@ class FederatedEngine:
         state = state.replace(key=key, agg=state.agg.replace(clients=clients))
         state = self._server(state, acc, times["total"])
         reports = ({name: np.concatenate([np.asarray(r[name]) for r in reports])[valid.ravel()]
-                    for name in reports[0]} if reports else {"sq_norm": np.zeros(0, np.float32)})
+                    for name in reports[0]} if reports else
+                   {"sq_norm": np.zeros(0, np.float32), "head_sq_norm": np.zeros(0, np.float32)})
         sq = reports.pop("sq_norm")
         if not np.isfinite(sq).all():
             raise FloatingPointError(

@@ -117,14 +117,18 @@ def init_grad_norms(num_clients: int) -> GradNormState:
 
 
 def update_grad_norms(state: GradNormState, mask: jax.Array, sq_norms: jax.Array, rho: jax.Array,
-                      pilot: int = 5, decay: float = 0.9, law: UpdateLaw = SGD_LAW) -> GradNormState:
+                      pilot: int = 5, decay: float = 0.9, law: UpdateLaw = SGD_LAW,
+                      head_sq_norms: jax.Array | None = None) -> GradNormState:
     """Fold in the squared update norms ``|D_n|^2`` (N,) of this round's participants ``mask``.
 
     Each report is mapped to the unsketched ``G_n^2`` by the client optimizer's ``law``
-    (:func:`unsketched_sq_norm`). Mean of the first ``pilot`` reports, then EMA.
+    (:func:`unsketched_sq_norm`); ``head_sq_norms`` (N,), the part of ``sq_norms`` from parameters
+    that are never sketched (heads), is kept as reported. Mean of the first ``pilot`` reports,
+    then EMA.
     """
     chex.assert_equal_shape([state.mean, mask, sq_norms])
-    sample = unsketched_sq_norm(sq_norms, rho, law)
+    head = jnp.zeros_like(sq_norms) if head_sq_norms is None else head_sq_norms
+    sample = unsketched_sq_norm(sq_norms - head, rho, law) + head
     count = state.count + mask.astype(jnp.int32)
     weight = jnp.where(count <= pilot, 1.0 / jnp.maximum(count, 1), 1.0 - decay)
     mean = jnp.where(mask, state.mean + weight * (sample - state.mean), state.mean)

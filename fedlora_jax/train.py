@@ -311,7 +311,8 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                     new_state, result = engine.run_round(state, plan.q, plan.k)
                     new_est = strategies.observe(est, ctx, plan, result.participants,
                                                  result.update_sq_norms,
-                                                 strategies.tree_sq_norm(new_state.trainable, before))
+                                                 strategies.tree_sq_norm(new_state.trainable, before),
+                                                 head_sq_norms=result.reports["head_sq_norm"])
                     row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
                     row.update(expected_participants=float(plan.q.sum()),
                                mean_rank=float(plan.k.mean()), est_signal=new_est.signal,

@@ -345,3 +345,14 @@ def test_stateful_rules_resume_exactly(tmp_path, name):
     resumed = train(cfg(tmp_path / "b", 4), resume=True, **quiet)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
     assert drop(resumed) == drop(straight)
+
+
+def test_rounds_report_the_heads_part_of_each_update(pool):
+    eng = _engine(pool, None)
+    _, result = eng.run_round(eng.init())
+    head = result.reports["head_sq_norm"]
+    assert head.shape == result.update_sq_norms.shape
+    assert (head > 0).all() and (head < result.update_sq_norms).all()
+    headless = split_model(tiny_lora_model(rank=R, modules_to_save=()))
+    _, result = _engine(pool, None, parts=headless).run_round(_engine(pool, None, parts=headless).init())
+    np.testing.assert_array_equal(result.reports["head_sq_norm"], 0.0)

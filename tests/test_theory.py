@@ -137,3 +137,18 @@ def test_predicted_rounds_by_law():
         np.testing.assert_allclose(theory.predicted_rounds(q, r, g2, a, alpha, beta, 0.5), sgd, rtol=1e-6)
         np.testing.assert_allclose(theory.predicted_rounds(q, r, g2, a, alpha, beta, 0.5, law=theory.ADAM_LAW),
                                    sgd / rho ** theory.ADAM_LAW.progress_power, rtol=1e-5)
+
+
+def test_heads_are_not_deflated_by_the_update_law():
+    """Only the sketched LoRA part of a report is mapped to its unsketched size; the heads' part
+    (never sketched) is kept as reported."""
+    from fedlora_jax import theory
+
+    rho = jnp.array([0.25, 0.5, 1.0])
+    lora, head = jnp.array([0.5, 1.0, 2.0]), jnp.array([0.3, 0.0, 0.1])
+    mask = jnp.ones(3, bool)
+    for law in (theory.SGD_LAW, theory.update_law("adamw")):
+        state = theory.update_grad_norms(theory.init_grad_norms(3), mask, lora + head, rho, law=law,
+                                         head_sq_norms=head)
+        np.testing.assert_allclose(state.mean, theory.unsketched_sq_norm(lora, rho, law) + head,
+                                   rtol=1e-6)

@@ -97,7 +97,7 @@ def tree_sq_norm(a, b) -> float:
 
 def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
             update_sq_norms: np.ndarray, applied_sq_norm: float, pilot: int = 5,
-            decay: float = 0.9) -> Estimates:
+            decay: float = 0.9, head_sq_norms: np.ndarray | None = None) -> Estimates:
     """Folds one round into the estimates.
 
     ``update_sq_norms`` are the participants' ``|delta_n|^2``, mapped to the unsketched ``G_n^2`` by
@@ -105,7 +105,8 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
     ``applied_sq_norm`` is ``|D|^2`` of the round's aggregate. ``E|D|^2 = s^2 |g|^2 + V_law``
     (:func:`theory.aggregate_variance`, :func:`theory.step_shrink`), so the signal sample is
     ``(|D|^2 - V_law) / s^2`` at the current ``G_n^2``, its numerator floored at a tenth of ``|D|^2``;
-    mean of the first ``pilot`` rounds, then an EMA.
+    mean of the first ``pilot`` rounds, then an EMA. ``head_sq_norms``: the part of each
+    ``|delta_n|^2`` from never-sketched parameters (heads), which the law leaves as it is.
     """
     law = theory.update_law(ctx.client_optimizer)
     n = ctx.num_clients
@@ -113,9 +114,13 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
     mask[participants] = True
     sq = np.zeros(n, np.float32)
     sq[participants] = update_sq_norms
+    head = np.zeros(n, np.float32)
+    if head_sq_norms is not None:
+        head[participants] = head_sq_norms
     rho = jnp.asarray(plan.k / ctx.rank, jnp.float32)
     grad_norms = theory.update_grad_norms(est.grad_norms, jnp.asarray(mask), jnp.asarray(sq), rho,
-                                          pilot=pilot, decay=decay, law=law)
+                                          pilot=pilot, decay=decay, law=law,
+                                          head_sq_norms=jnp.asarray(head))
     if not participants.size:
         return dataclasses.replace(est, grad_norms=grad_norms)
     g2, a = theory.grad_norm_estimate(grad_norms), jnp.asarray(ctx.weights)
