@@ -78,6 +78,15 @@ def _train_alone(eng, key, n, start, mask):
     return _as_np(jax.tree.map(jnp.add, start, delta))
 
 
+def _one_round(eng, seed, k):
+    """``(state before, state after, result)`` of one round; the round donates the state's
+    buffers, so the returned initial state holds host copies of its trainables."""
+    state = eng.init(seed=seed)
+    before = _as_np(state.trainable)
+    new_state, result = eng.run_round(state, k=k)
+    return state.replace(trainable=before), new_state, result
+
+
 def _prefix(k):
     return (np.arange(R) < k).astype(np.float32)
 
@@ -90,12 +99,10 @@ def _ranks(num_clients):
 
 def test_hetlora_zero_pads_and_averages_with_norm_weights(pool):
     eng = _engine(pool, HetLoRAAggregator())
-    state = eng.init(seed=1)
-    global_ = _as_np(state.trainable)  # the round donates the state's buffers
     k = _ranks(eng.num_clients)
-    new_state, result = eng.run_round(state, k=k)
+    state, new_state, result = _one_round(eng, 1, k)
     assert result.participants.size == eng.num_clients
-    state = state.replace(trainable=global_)
+    global_ = state.trainable
 
     padded, weights = [], []
     for n in range(eng.num_clients):
@@ -158,11 +165,8 @@ def test_truncated_svd_is_the_best_rank_k_approximation():
 
 def test_flexlora_redistributes_the_svd_of_the_mean_product(pool):
     eng = _engine(pool, FlexLoRAAggregator())
-    state = eng.init(seed=2)
-    before = _as_np(state.trainable)
     k = _ranks(eng.num_clients)
-    new_state, _ = eng.run_round(state, k=k)
-    state = state.replace(trainable=before)
+    state, new_state, _ = _one_round(eng, 2, k)
     weights = np.asarray(pool.weights) / np.sum(pool.weights)
     products = {}
     for n in range(eng.num_clients):
@@ -200,11 +204,8 @@ def test_flora_merges_the_stack_into_the_base_and_restarts_clients_fresh(pool):
     agg = FLoRAAggregator(scaling=scaling)
     parts = split_model(model)
     eng = _engine(pool, agg, parts=parts)
-    state = eng.init(seed=3)
-    before = _as_np(state.trainable)
     k = _ranks(eng.num_clients)
-    new_state, _ = eng.run_round(state, k=k)
-    state = state.replace(trainable=before)
+    state, new_state, _ = _one_round(eng, 3, k)
     weights = np.asarray(pool.weights) / np.sum(pool.weights)
     _, _, k_train = jax.random.split(state.key, 3)
     merged = {}

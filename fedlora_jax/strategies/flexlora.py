@@ -11,10 +11,8 @@ The global adapter is kept as the rank-``r`` SVD factors ``A = U_r S_r^(1/2)``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
 
 import jax.numpy as jnp
-import numpy as np
 
 from fedlora_jax.aggregation import (
     AdapterSizes,
@@ -27,8 +25,7 @@ from fedlora_jax.aggregation import (
 )
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
-from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
-from fedlora_jax.strategies.fslora import tier_ranks
+from fedlora_jax.strategies.fslora import TieredRanks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,23 +46,8 @@ class FlexLoRAAggregator(ProductAggregator):
 
 
 @dataclasses.dataclass(frozen=True)
-class FlexLoRA(Strategy):
+class FlexLoRA(TieredRanks):
     name: str = "flexlora"
-    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
-    sampling: ClassVar[str] = "uniform"
-
-    def __post_init__(self):
-        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
-            raise ValueError(f"flexlora ratios must be a non-empty tuple in (0, 1], got {self.ratios!r}.")
-
-    def settings(self) -> dict[str, tuple[Any, str]]:
-        return {**super().settings(),
-                "federation.sketch_ratio": (None, f"flexlora sets each client's rank from its "
-                                                  f"compute tier {self.ratios}")}
 
     def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
         return FlexLoRAAggregator()
-
-    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
-        del round, est
-        return ctx.uniform(tier_ranks(np.asarray(ctx.profile.flops_per_s), self.ratios, ctx.rank))

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedlora_jax.aggregation import (
     AdapterSizes,
@@ -32,8 +31,7 @@ from fedlora_jax.aggregation import (
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.optim import OptimizerConfig
-from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
-from fedlora_jax.strategies.fslora import tier_ranks
+from fedlora_jax.strategies.fslora import TieredRanks
 
 MERGED = "merged"
 
@@ -86,25 +84,13 @@ class FLoRAAggregator(ProductAggregator):
 
 
 @dataclasses.dataclass(frozen=True)
-class FLoRA(Strategy):
+class FLoRA(TieredRanks):
     name: str = "flora"
-    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
-    sampling: ClassVar[str] = "uniform"
-
-    def __post_init__(self):
-        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
-            raise ValueError(f"flora ratios must be a non-empty tuple in (0, 1], got {self.ratios!r}.")
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         return {**super().settings(),
-                "federation.sketch_ratio": (None, f"flora sets each client's rank from its "
-                                                  f"compute tier {self.ratios}"),
                 "server_optimizer": (OptimizerConfig("sgd", 1.0),
                                      "flora merges the stacked product into the base (FedAvg)")}
 
     def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
         return FLoRAAggregator(scaling=lora.scaling)
-
-    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
-        del round, est
-        return ctx.uniform(tier_ranks(np.asarray(ctx.profile.flops_per_s), self.ratios, ctx.rank))

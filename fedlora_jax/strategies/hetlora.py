@@ -15,11 +15,9 @@ global adapter to a client's rank, zero-padding and norm-weighted aggregation, r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedlora_jax.aggregation import (
     Aggregator,
@@ -31,8 +29,8 @@ from fedlora_jax.aggregation import (
 )
 from fedlora_jax.engine import FederationConfig, RoundResult
 from fedlora_jax.lora import LoRAConfig
-from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
-from fedlora_jax.strategies.fslora import tier_ranks
+from fedlora_jax.strategies.base import Plan
+from fedlora_jax.strategies.fslora import TieredRanks
 
 
 def component_sq_norms(tree) -> jax.Array:
@@ -66,33 +64,21 @@ class HetLoRAAggregator(Aggregator):
 
 
 @dataclasses.dataclass(frozen=True)
-class HetLoRA(Strategy):
+class HetLoRA(TieredRanks):
     """Attributes: ``ratios`` (rank tiers, slowest clients smallest), ``prune_below`` (pruning
     threshold, 0 disables pruning), ``min_rank``."""
 
     name: str = "hetlora"
-    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
     prune_below: float = 0.5
     min_rank: int = 1
-    sampling: ClassVar[str] = "uniform"
 
     def __post_init__(self):
-        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
-            raise ValueError(f"hetlora ratios must be a non-empty tuple in (0, 1], got {self.ratios!r}.")
+        super().__post_init__()
         if self.prune_below < 0 or self.min_rank < 1:
             raise ValueError("hetlora: need prune_below >= 0 and min_rank >= 1.")
 
-    def settings(self) -> dict[str, tuple[Any, str]]:
-        return {**super().settings(),
-                "federation.sketch_ratio": (None, f"hetlora sets each client's rank from its "
-                                                  f"compute tier {self.ratios} and prunes it")}
-
     def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
         return HetLoRAAggregator()
-
-    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
-        del round, est
-        return ctx.uniform(tier_ranks(np.asarray(ctx.profile.flops_per_s), self.ratios, ctx.rank))
 
     def revise(self, plan: Plan, result: RoundResult) -> Plan:
         if not self.prune_below or not result.participants.size:
