@@ -1,5 +1,8 @@
 """What every benchmark script shares: its command line (``--quick``, ``--json PATH``), best-of-N
-timing, the machine's measured matmul peak, and its rows tagged with the machine and written as JSON."""
+timing, the machine's measured matmul peak, and its rows tagged with the machine and written as JSON.
+
+jax is imported inside the functions that use it, so a script may set ``XLA_FLAGS`` after
+importing this module (``device_scaling.py`` splits the CPU into host devices)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ import os
 import platform
 import time
 
-import jax
-
 
 def machine() -> dict:
     """Where and when a row was measured (ratios are only comparable within one such run)."""
+    import jax
+
     return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "backend": jax.default_backend(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -40,6 +43,8 @@ def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
 def best_time(fn, repeats: int) -> float:
     """Best wall time of ``fn()`` over ``repeats`` calls after one warm-up (compile) call; JAX
     results are waited for, other results (e.g. torch tensors) pass through."""
+    import jax
+
     jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(repeats):
@@ -51,6 +56,8 @@ def best_time(fn, repeats: int) -> float:
 
 def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """Measured fp32 ``n x n`` matmul rate of XLA on this machine: the ceiling for a local step."""
+    import jax
+
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda x: x @ x)
     return 2 * n ** 3 / best_time(lambda: mm(a), repeats) / 1e9

@@ -106,3 +106,14 @@ def test_run_jsonl_then_resume_then_plot(tmp_path):
 def test_resume_without_a_run_is_one_clear_line(tmp_path, capsys):
     assert cli.main(["run", "--resume", "--output-dir", str(tmp_path / "nothing")]) == 2
     assert "Nothing to resume" in capsys.readouterr().err
+
+
+def test_device_scaling_benchmark_imports_before_jax():
+    """device_scaling must set XLA_FLAGS before jax is imported: nothing it imports at module
+    level (benchmarks/common.py included) may import jax."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import device_scaling; "
+            "assert 'jax' not in sys.modules, 'jax imported at module level'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr

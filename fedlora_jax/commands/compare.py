@@ -118,8 +118,8 @@ def write_table(table: list[dict], target: float, out: Path) -> None:
 
 
 def plot(runs: dict[str, dict[int, list[dict]]], target: float, out: Path) -> list[Path]:
-    """Held-out accuracy against simulated wall-clock and against rounds, one color per strategy,
-    one line per seed."""
+    """Held-out accuracy against simulated wall-clock and against rounds, one color (and, past ten
+    strategies, line style) per strategy, one line per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,7 +132,8 @@ def plot(runs: dict[str, dict[int, list[dict]]], target: float, out: Path) -> li
             for j, rows in enumerate(by_seed.values()):
                 points = [(r.get(x_key, 0.0), r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, color=f"C{i}", alpha=0.7, label=name if j == 0 else None)
+                ax.plot(xs, ys, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3], alpha=0.7,
+                        label=name if j == 0 else None)
         ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:.3f}")
         ax.set_xlabel(x_label)
         ax.set_ylabel("held-out accuracy")
