@@ -56,7 +56,7 @@ class AdapterSizes:
         return self.lora_a + self.lora_b
 
 
-# ----------------------------------------------------------------------------- LoRA factors by layer
+# ------------------------------------------------------------------------- LoRA factors by layer
 
 def _names(key_path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey))
@@ -94,7 +94,8 @@ def map_factors(tree, fn, head_fn=lambda x: x):
 
 def head_sq_norm(tree) -> jax.Array:
     """``|heads|^2``: the squared norm of the leaves that are not LoRA factors (never sketched)."""
-    return sum((jnp.sum(leaf ** 2) for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return sum((jnp.sum(leaf ** 2) for key_path, leaf in leaves
                 if _names(key_path)[-1] not in ("lora_a", "lora_b")), jnp.float32(0.0))
 
 
@@ -130,8 +131,8 @@ def _sketch_masks(sketch: nnx.State) -> dict[str, jax.Array]:
 
 def stack_factors(weights: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """FLoRA's stacking of ``C`` clients' adapters ``a (C, d_in, r)``, ``b (C, r, d_out)``:
-    ``A_stack = [w_1 A_1, ..., w_C A_C]`` (d_in, C r) and ``B_stack = [B_1; ...; B_C]`` (C r, d_out),
-    so that ``A_stack B_stack = sum_c w_c A_c B_c``."""
+    ``A_stack = [w_1 A_1, ..., w_C A_C]`` (d_in, C r) and ``B_stack = [B_1; ...; B_C]``
+    (C r, d_out), so that ``A_stack B_stack = sum_c w_c A_c B_c``."""
     c, d_in, r = a.shape
     a_stack = jnp.moveaxis(weights[:, None, None] * a, 0, 1).reshape(d_in, c * r)
     return a_stack, b.reshape(c * r, b.shape[-1])
@@ -256,15 +257,21 @@ def lora_from(factors_tree, heads_tree):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProductAggregator(Aggregator):
-    """Shared by the rules that aggregate adapter *products* ``A_n B_n`` (FlexLoRA, FLoRA):
-    clients hold a rank prefix; a client's message is its zero-padded final factors and its head
-    deltas; a chunk's sum is, per layer, the stacked product ``sum_c w_c A_c B_c``
-    (:func:`stack_factors`) and, for the heads, the weighted sum of deltas."""
+class TruncatingAggregator(Aggregator):
+    """Clients train the first ``k_n`` components of the global adapter, unscaled (HetLoRA,
+    FlexLoRA): truncation instead of FSLoRA's random, rescaled sketch."""
 
     def start(self, trainable, rows, template, k, key):
         del rows, key
         return trainable, prefix_sketch(k, template)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductAggregator(TruncatingAggregator):
+    """Shared by the rules that aggregate adapter *products* ``A_n B_n`` (FlexLoRA, FLoRA):
+    clients hold a rank prefix; a client's message is its zero-padded final factors and its head
+    deltas; a chunk's sum is, per layer, the stacked product ``sum_c w_c A_c B_c``
+    (:func:`stack_factors`) and, for the heads, the weighted sum of deltas."""
 
     def message(self, start, delta, sketch):
         final = zero_pad(jax.tree.map(jnp.add, start, delta), sketch)

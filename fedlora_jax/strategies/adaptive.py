@@ -1,5 +1,6 @@
-"""``adaptive`` (the paper, arXiv 2505.23555): sampling probabilities and sketch ratios that minimize
-the predicted wall-clock time ``(alpha V(q, rho) + beta) E[T](q, rho)``, re-solved as estimates improve.
+"""``adaptive`` (the paper, arXiv 2505.23555): sampling probabilities and sketch ratios that
+minimize the predicted wall-clock time (rounds to accuracy times ``E[T](q, rho)``), re-solved as
+estimates improve.
 
 - Pilot: the first ``pilot_rounds`` rounds sample uniformly at full rank, to measure ``G_n^2``.
 - Then, and every ``resolve_every`` rounds, :mod:`fedlora_jax.solver` solves for ``(q, rho)`` with

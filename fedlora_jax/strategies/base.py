@@ -104,8 +104,8 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
     the client optimizer's :func:`theory.update_law` (``ctx.client_optimizer``);
     ``applied_sq_norm`` is ``|D|^2`` of the round's aggregate. ``E|D|^2 = s^2 |g|^2 + V_law``
     (:func:`theory.aggregate_variance`, :func:`theory.step_shrink`), so the signal sample is
-    ``(|D|^2 - V_law) / s^2`` at the current ``G_n^2``, its numerator floored at a tenth of ``|D|^2``;
-    mean of the first ``pilot`` rounds, then an EMA. ``head_sq_norms``: the part of each
+    ``(|D|^2 - V_law) / s^2`` at the current ``G_n^2``, its numerator floored at a tenth of
+    ``|D|^2``; mean of the first ``pilot`` rounds, then an EMA. ``head_sq_norms``: the part of each
     ``|delta_n|^2`` from never-sketched parameters (heads), which the law leaves as it is.
     """
     law = theory.update_law(ctx.client_optimizer)

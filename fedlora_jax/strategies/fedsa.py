@@ -3,8 +3,8 @@
 ``A`` learns what the clients share and is averaged (FedAvg of deltas, ``a_n I_n / q_n``); ``B``
 is client-specific: a client starts each round from the global ``A`` and *its own* ``B_n`` (the
 initial ``B``, zero, before its first round) and keeps its trained ``B_n``; it uploads and
-downloads ``A`` and the heads only. The per-client ``B_n`` are the aggregator's client state (``N x`` the size of ``B``,
-checked against memory before the run).
+downloads ``A`` and the heads only. The per-client ``B_n`` are the aggregator's client state
+(``N x`` the size of ``B``, checked against memory before the run).
 
 FedSA-LoRA is personalized and has no global ``B``. The held-out evaluation (a simulator-side
 measurement, never sent to anyone) uses the data-weighted mean ``sum_n a_n B_n`` of the local ``B``.
@@ -18,13 +18,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (
-    AdapterSizes,
-    Aggregator,
-    AggregatorState,
-    lora_factors,
-    map_factors,
-)
+from fedlora_jax.aggregation import (AdapterSizes, Aggregator, AggregatorState, lora_factors,
+                                     map_factors)
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.strategies.base import Strategy
@@ -37,7 +32,8 @@ class FedSAAggregator(Aggregator):
     def init_state(self, trainable, weights):
         rows = {layer: jnp.broadcast_to(b, (weights.shape[0],) + b.shape)
                 for layer, (_, b) in lora_factors(trainable).items()}
-        return AggregatorState(server={WEIGHTS: jnp.array(weights)}, clients=rows)  # a copy: donated
+        # a copy of the weights: the state's buffers are donated every round
+        return AggregatorState(server={WEIGHTS: jnp.array(weights)}, clients=rows)
 
     def global_model(self, trainable, state):
         mean = {layer: jnp.tensordot(state.server[WEIGHTS], rows, axes=1)

@@ -14,15 +14,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (
-    AdapterSizes,
-    Aggregator,
-    ProductAggregator,
-    lora_from,
-    map_factors,
-    svd_flops,
-    truncated_svd_factors,
-)
+from fedlora_jax.aggregation import (AdapterSizes, Aggregator, ProductAggregator, lora_from,
+                                     map_factors, svd_flops, truncated_svd_factors)
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.strategies.fslora import TieredRanks

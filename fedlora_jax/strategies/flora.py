@@ -19,15 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (
-    AdapterSizes,
-    Aggregator,
-    AggregatorState,
-    ProductAggregator,
-    lora_factors,
-    map_factors,
-    prefix_sketch,
-)
+from fedlora_jax.aggregation import (AdapterSizes, Aggregator, AggregatorState, ProductAggregator,
+                                     lora_factors, map_factors, prefix_sketch)
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.optim import OptimizerConfig

@@ -19,14 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (
-    Aggregator,
-    lora_factors,
-    normalized,
-    prefix_sketch,
-    product_sq_norm,
-    zero_pad,
-)
+from fedlora_jax.aggregation import (Aggregator, TruncatingAggregator, lora_factors, normalized,
+                                     product_sq_norm, zero_pad)
 from fedlora_jax.engine import FederationConfig, RoundResult
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.strategies.base import Plan
@@ -40,11 +34,7 @@ def component_sq_norms(tree) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HetLoRAAggregator(Aggregator):
-    def start(self, trainable, rows, template, k, key):
-        del rows, key
-        return trainable, prefix_sketch(k, template)
-
+class HetLoRAAggregator(TruncatingAggregator):
     def message(self, start, delta, sketch):
         padded = zero_pad(jax.tree.map(jnp.add, start, delta), sketch)
         norm = jnp.sqrt(sum(product_sq_norm(a, b) for a, b in lora_factors(padded).values()))
