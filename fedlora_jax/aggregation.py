@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,7 @@ class Aggregator:
     """
 
     shared_sketch: bool = True
+    personalized: ClassVar[bool] = False  # clients keep their own state (FedSA-LoRA)
 
     def init_state(self, trainable: nnx.State, weights: jax.Array) -> AggregatorState:
         """Initial state, given the global trainables and the clients' data weights ``a`` (N,)."""
@@ -186,6 +188,12 @@ class Aggregator:
         """The trainables the held-out evaluation runs on."""
         del state
         return trainable
+
+    def client_model(self, trainable: nnx.State, state: AggregatorState, client: jax.Array
+                     ) -> nnx.State:
+        """The trainables client ``client`` runs on (personalized rules); default: the global."""
+        del client
+        return self.global_model(trainable, state)
 
     def client_base(self, base: nnx.State, server: dict) -> nnx.State:
         """The frozen base the clients (and evaluation) run on."""

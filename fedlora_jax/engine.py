@@ -261,6 +261,7 @@ class FederatedEngine:
                                donate_argnames=("state",))
         self._clock = clock
         self._global_model = jax.jit(self.aggregator.global_model)
+        self._client_model = jax.jit(self.aggregator.client_model)
         self._eval = jax.jit(lambda trainable, base, server, batch: loss_fn(
             nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
                       self.aggregator.client_base(base, server)), batch)[1])
@@ -346,9 +347,32 @@ class FederatedEngine:
 
     def evaluate(self, state: ServerState, examples: dict, batch_size: int = 64) -> dict[str, float]:
         """Loss and accuracy of the global model (un-sketched) on held-out examples."""
-        totals, trainable = None, self._global_model(state.trainable, state.agg)
+        trainable = self._global_model(state.trainable, state.agg)
+        return _rates(self._score(trainable, state, examples, batch_size))
+
+    def evaluate_personal(self, state: ServerState, examples: dict, owners: np.ndarray,
+                          batch_size: int = 8) -> dict[str, float]:
+        """Loss and accuracy with every held-out example scored by its owner's model
+        (:meth:`Aggregator.client_model`: personalized rules such as FedSA-LoRA)."""
+        owners = np.asarray(owners)
+        if owners.shape != (next(iter(examples.values())).shape[0],):
+            raise ValueError(f"owners has shape {owners.shape}: give one client per example.")
+        totals = None
+        for n in np.unique(owners):
+            trainable = self._client_model(state.trainable, state.agg, jnp.int32(n))
+            subset = {k: np.asarray(v)[owners == n] for k, v in examples.items()}
+            m = self._score(trainable, state, subset, batch_size)
+            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+        return _rates(totals)
+
+    def _score(self, trainable: nnx.State, state: ServerState, examples: dict, batch_size: int):
+        totals = None
         for batch in iterate_batches(examples, batch_size):
             m = self._eval(trainable, self.parts.base, state.agg.server, batch)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        count = float(totals["count"])
-        return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+        return totals
+
+
+def _rates(totals: dict) -> dict[str, float]:
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}

@@ -37,6 +37,7 @@ class Setup:
     heldout: dict[str, np.ndarray]
     label_names: tuple[str, ...]
     description: str
+    heldout_owners: np.ndarray | None  # (H,) client per held-out example (built-in data only)
     profile: wireless.SystemProfile  # the simulated network, shared by the clock and the solver
     workload: wireless.WorkloadModel
 
@@ -77,7 +78,8 @@ def _model(cfg: config_lib.RunConfig, task: str, num_labels: int, vocab_size: in
 
 
 def _load_data(cfg: config_lib.RunConfig, tokenizer, task: str):
-    """-> (train examples, client index arrays, held-out examples, label names).
+    """-> (train examples, client index arrays, held-out examples, label names, held-out owners:
+    the client per held-out example where the data says, else None).
 
     Causal LM reads instruction data (LLM-Adapters JSON); its Dirichlet split is over the gold
     answers (the task's "labels"), and the loss covers the response tokens only."""
@@ -95,12 +97,13 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer, task: str):
         return _hold_out(cfg, examples, codes.astype(np.int32), tuple(labels))
     if data.source == "builtin":
         from fedlora_jax.data.builtin import builtin_text_classification
-        train, clients, heldout, labels = builtin_text_classification(
+        text = builtin_text_classification(
             tokenizer, num_clients=data.num_clients, max_length=data.max_length, seed=seed,
             heldout_fraction=data.heldout_fraction)
+        clients, owners = text.client_indices, text.heldout_owners
         if data.partition != "natural":
-            clients = _split(cfg, train["labels"])
-        return train, clients, heldout, tuple(labels)
+            clients, owners = _split(cfg, text.train["labels"]), None
+        return text.train, clients, text.heldout, tuple(text.label_names), owners
     if data.source == "synthetic":
         from fedlora_jax.data.synthetic import synthetic_classification
         examples = synthetic_classification(seed, data.synthetic_per_client * data.num_clients,
@@ -122,7 +125,7 @@ def _hold_out(cfg: config_lib.RunConfig, examples: dict, labels: np.ndarray, nam
     held = rng.random(labels.shape[0]) < cfg.data.heldout_fraction
     heldout = {k: v[held] for k, v in examples.items()}
     train = {k: v[~held] for k, v in examples.items()}
-    return train, _split(cfg, labels[~held]), heldout, names
+    return train, _split(cfg, labels[~held]), heldout, names, None
 
 
 def _split(cfg: config_lib.RunConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -135,7 +138,7 @@ def _split(cfg: config_lib.RunConfig, labels: np.ndarray) -> list[np.ndarray]:
 def build(cfg: config_lib.RunConfig) -> Setup:
     """Loads (or creates) the model and the data, applies LoRA and builds the engine."""
     tokenizer, task = _tokenizer_and_task(cfg)
-    train, clients, heldout, labels = _load_data(cfg, tokenizer, task)
+    train, clients, heldout, labels, owners = _load_data(cfg, tokenizer, task)
     model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
     strategy = strategies.strategy_of(cfg)
@@ -150,7 +153,7 @@ def build(cfg: config_lib.RunConfig) -> Setup:
                              clock=make_clock(cfg, profile, workload, aggregator,
                                               adapter_sizes(parts.trainable)),
                              aggregator=aggregator)
-    return Setup(engine, heldout, labels, description, profile, workload)
+    return Setup(engine, heldout, labels, description, owners, profile, workload)
 
 
 def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.SystemProfile:
@@ -296,8 +299,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
             log(f"resumed from the checkpoint of round {int(state.round)}")
         else:
             (state, est, plan), elapsed = fresh, 0.0
-            history = [{"round": 0, "sim_clock_s": 0.0,
-                        **_prefixed(engine.evaluate(state, setup.heldout), "eval_")}]
+            history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
             metrics_path.write_text(json.dumps(history[0]) + "\n")
         clock_start = time.perf_counter() - elapsed
         rounds, every = cfg.federation.rounds, cfg.checkpoint_every
@@ -318,7 +320,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                                mean_rank=float(plan.k.mean()), est_signal=new_est.signal,
                                est_g2_mean=float(new_est.g2.mean()))
                     if r % cfg.eval_every == 0 or r == rounds:
-                        row.update(_prefixed(engine.evaluate(new_state, setup.heldout), "eval_"))
+                        row.update(evaluate(setup, new_state))
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     history.append(row)
@@ -337,6 +339,17 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     (out / metrics_lib.ALLOCATION_FILE).write_text(json.dumps(allocation_record(setup, plan, cfg.system)))
     log(summary(history))
     return history
+
+
+def evaluate(setup: Setup, state) -> dict[str, float]:
+    """``eval_loss``/``eval_accuracy`` of the global model on the held-out data and, for a
+    personalized rule where the data names owners, ``eval_personal_*``: each held-out example
+    scored by its owner's model."""
+    row = _prefixed(setup.engine.evaluate(state, setup.heldout), "eval_")
+    if setup.engine.aggregator.personalized and setup.heldout_owners is not None:
+        row.update(_prefixed(setup.engine.evaluate_personal(state, setup.heldout,
+                                                            setup.heldout_owners), "eval_personal_"))
+    return row
 
 
 def _host_tree(est: strategies.Estimates, plan: strategies.Plan) -> dict:

@@ -357,3 +357,23 @@ def test_rounds_report_the_heads_part_of_each_update(pool):
     headless = split_model(tiny_lora_model(rank=R, modules_to_save=()))
     _, result = _engine(pool, None, parts=headless).run_round(_engine(pool, None, parts=headless).init())
     np.testing.assert_array_equal(result.reports["head_sq_norm"], 0.0)
+
+
+def test_fedsa_personal_evaluation_scores_each_example_with_its_owners_b(pool):
+    eng = _engine(pool, FedSAAggregator())
+    state, _ = eng.run_round(eng.init(seed=6))
+    heldout = _heldout(pool)
+    owners = np.arange(16) % 3
+    personal = eng.evaluate_personal(state, heldout, owners)
+    correct = loss = 0.0
+    for n in range(3):  # reference: a state where every client holds B_n, so the mean B is B_n
+        rows = {layer: jnp.broadcast_to(r[n], r.shape) for layer, r in state.agg.clients.items()}
+        alone = state.replace(agg=state.agg.replace(clients=rows))
+        m = eng.evaluate(alone, {k: v[owners == n] for k, v in heldout.items()})
+        correct += m["accuracy"] * np.sum(owners == n)
+        loss += m["loss"] * np.sum(owners == n)
+    assert personal["accuracy"] == pytest.approx(correct / 16)
+    assert personal["loss"] == pytest.approx(loss / 16, rel=1e-5)
+    assert personal["loss"] != pytest.approx(eng.evaluate(state, heldout)["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="one client per example"):
+        eng.evaluate_personal(state, heldout, owners[:3])

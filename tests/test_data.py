@@ -285,6 +285,10 @@ def test_builtin_text_classification(minilm_tokenizer):
     assert 0.15 < h / (m + h) < 0.25
     assert set(heldout["labels"].tolist()) == set(range(k)) == set(train["labels"].tolist())
     check_partition(data.client_indices, m, 10, 1)
+    # a held-out passage's owner holds training passages of the same chapter
+    assert data.heldout_owners.shape == (h,) and data.heldout_owners.max() < 10
+    for owner, label in zip(data.heldout_owners, heldout["labels"]):
+        assert label in train["labels"][data.client_indices[owner]]
     pool = ClientPool.from_partition(train, data.client_indices)
     assert abs(float(pool.weights.sum()) - 1) < 1e-6
     again = builtin.builtin_text_classification(minilm_tokenizer, **kw)

@@ -69,6 +69,7 @@ class FederatedText(NamedTuple):
     client_indices: list[np.ndarray]
     heldout: dict[str, np.ndarray]
     label_names: tuple[str, ...]
+    heldout_owners: np.ndarray  # (H,) the client holding most of each held-out passage's topic
 
 
 def minilm_path() -> str:
@@ -115,7 +116,8 @@ def builtin_text_classification(tokenizer, *, num_clients: int = 16, max_length:
 
     A random ``heldout_fraction`` of each topic's passages (none from one-passage topics) is held
     out, so every chapter appears in the held-out set; the rest is split among clients by topic
-    with :func:`~fedlora_jax.data.partition.by_group`.
+    with :func:`~fedlora_jax.data.partition.by_group`. Each held-out passage's owner is the client
+    holding most of its topic (for personalized evaluation).
     """
     from fedlora_jax.data.loaders import ClassificationData
     from fedlora_jax.data.tokenize import tokenize_classification
@@ -137,9 +139,13 @@ def builtin_text_classification(tokenizer, *, num_clients: int = 16, max_length:
                                   label_names=LABEL_NAMES, source="pydoc_data.topics")
         return tokenize_classification(data, tokenizer, max_length)
 
-    train_ids = np.flatnonzero(~heldout)
+    train_ids, heldout_ids = np.flatnonzero(~heldout), np.flatnonzero(heldout)
     clients = by_group(corpus.topic_ids[train_ids], num_clients, seed=rng)
-    return FederatedText(encode(train_ids), clients, encode(np.flatnonzero(heldout)), LABEL_NAMES)
+    share = np.zeros((len(corpus.topics), num_clients), np.int64)  # topic x client passages
+    for n, ids in enumerate(clients):
+        np.add.at(share[:, n], corpus.topic_ids[train_ids[ids]], 1)
+    owners = share.argmax(1)[corpus.topic_ids[heldout_ids]].astype(np.int32)
+    return FederatedText(encode(train_ids), clients, encode(heldout_ids), LABEL_NAMES, owners)
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -7,7 +7,9 @@ downloads ``A`` and the heads only. The per-client ``B_n`` are the aggregator's 
 (``N x`` the size of ``B``, checked against memory before the run).
 
 FedSA-LoRA is personalized and has no global ``B``. The held-out evaluation (a simulator-side
-measurement, never sent to anyone) uses the data-weighted mean ``sum_n a_n B_n`` of the local ``B``.
+measurement, never sent to anyone) uses the data-weighted mean ``sum_n a_n B_n`` of the local
+``B``; where the data names each held-out example's owner (the built-in data), runs also report the
+personalized figure: every example scored by its owner's own ``A, B_n`` (``eval_personal_*``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ WEIGHTS = "weights"
 
 @dataclasses.dataclass(frozen=True)
 class FedSAAggregator(Aggregator):
+    personalized: ClassVar[bool] = True
     def init_state(self, trainable, weights):
         rows = {layer: jnp.broadcast_to(b, (weights.shape[0],) + b.shape)
                 for layer, (_, b) in lora_factors(trainable).items()}
@@ -39,6 +42,9 @@ class FedSAAggregator(Aggregator):
         mean = {layer: jnp.tensordot(state.server[WEIGHTS], rows, axes=1)
                 for layer, rows in state.clients.items()}
         return map_factors(trainable, lambda layer, a, b: (a, mean[layer]))
+
+    def client_model(self, trainable, state, client):
+        return map_factors(trainable, lambda layer, a, b: (a, state.clients[layer][client]))
 
     def start(self, trainable, rows, template, k, key):
         trainable, sketch = super().start(trainable, rows, template, k, key)
