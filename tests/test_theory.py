@@ -8,27 +8,40 @@ import pytest
 from fedlora_jax import theory
 
 
-def test_variance_formula_by_monte_carlo():
-    n, r, m = 6, 8, 100_000
-    key = jax.random.key(0)
-    g = jax.random.normal(key, (n, r))
-    a = jnp.linspace(1.0, 2.0, n)
-    a = a / a.sum()
-    q = jnp.linspace(0.2, 1.0, n)
+N_MC, R_MC, DRAWS = 6, 8, 100_000  # clients, rank, Monte Carlo draws
+
+
+def _mc_setting():
+    """Data weights ``a``, sampling probabilities ``q``, kept ranks ``k`` and ``rho = k / r``."""
+    a = jnp.linspace(1.0, 2.0, N_MC)
+    q = jnp.linspace(0.2, 1.0, N_MC)
     k = jnp.array([1, 2, 4, 8, 3, 6])
-    rho = k / r
+    return a / a.sum(), q, k, k / R_MC
+
+
+def _mc_draw(key, a, q, k):
+    """One round's ``a_n I_n / q_n`` (independent sampling) and keep masks (N, r): ``k_n`` of ``r``
+    coordinates uniformly without replacement."""
+    k1, k2 = jax.random.split(key)
+    part = jax.random.uniform(k1, (N_MC,)) < q
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k2, (N_MC, R_MC)), axis=1), axis=1)
+    return a * part / q, ranks < k[:, None]
+
+
+def test_variance_formula_by_monte_carlo():
+    g = jax.random.normal(jax.random.key(0), (N_MC, R_MC))
+    a, q, k, rho = _mc_setting()
 
     def draw(key):
-        k1, k2 = jax.random.split(key)
-        part = jax.random.uniform(k1, (n,)) < q
-        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k2, (n, r)), axis=1), axis=1)  # uniform permutations
-        s = jnp.where(ranks < k[:, None], r / k[:, None], 0.0)  # S = (r/k) diag(1_I), |I| = k
-        return jnp.sum(jnp.sum((a * part / q)[:, None] * s * g, 0) ** 2)
+        weights, keep = _mc_draw(key, a, q, k)
+        s = jnp.where(keep, R_MC / k[:, None], 0.0)  # S = (r/k) diag(1_I), |I| = k
+        return jnp.sum(jnp.sum(weights[:, None] * s * g, 0) ** 2)
 
-    mc = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(1), m)).mean()
+    mc = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(1), DRAWS)).mean()
     exact = jnp.sum(jnp.sum(a[:, None] * g, 0) ** 2) + theory.variance_term(q, rho, jnp.sum(g * g, 1), a)
     np.testing.assert_allclose(mc, exact, rtol=0.02)
-    assert float(theory.variance_term(jnp.ones(n), jnp.ones(n), jnp.ones(n), a)) == 0.0
+    ones = jnp.ones(N_MC)
+    assert float(theory.variance_term(ones, ones, ones, a)) == 0.0
 
 
 def test_grad_norm_estimator_recovers_known_g2():
@@ -102,21 +115,14 @@ def test_adam_law_variance_and_shrink_by_monte_carlo():
     """Adam-type sketch = keep ``k`` of ``r`` coordinates at full size (no ``r/k`` rescale): the
     applied update's mean is ``sum a rho u`` (``s |g|`` for a common direction) and its variance is
     :func:`theory.aggregate_variance` with the Adam law."""
-    n, r, m = 6, 8, 100_000
-    u = jax.random.normal(jax.random.key(2), (n, r))
-    a = jnp.linspace(1.0, 2.0, n)
-    a = a / a.sum()
-    q = jnp.linspace(0.2, 1.0, n)
-    k = jnp.array([1, 2, 4, 8, 3, 6])
-    rho = k / r
+    u = jax.random.normal(jax.random.key(2), (N_MC, R_MC))
+    a, q, k, rho = _mc_setting()
 
     def draw(key):
-        k1, k2 = jax.random.split(key)
-        part = jax.random.uniform(k1, (n,)) < q
-        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k2, (n, r)), axis=1), axis=1)
-        return jnp.sum((a * part / q)[:, None] * jnp.where(ranks < k[:, None], u, 0.0), 0)
+        weights, keep = _mc_draw(key, a, q, k)
+        return jnp.sum(weights[:, None] * jnp.where(keep, u, 0.0), 0)
 
-    d = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(3), m))
+    d = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(3), DRAWS))
     mean = jnp.sum((a * rho)[:, None] * u, 0)
     np.testing.assert_allclose(d.mean(0), mean, atol=0.02)
     law = theory.ADAM_LAW
