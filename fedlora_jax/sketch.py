@@ -1,4 +1,5 @@
-"""Per-client sketch masks (paper.md section 1) and what a sketch costs in payload.
+"""Per-client sketch masks (paper.md section 1); the payload they imply is accounted in
+:mod:`fedlora_jax.aggregation` (``Aggregator.upload_params``).
 
 Client ``n`` keeps ``k_n`` of the ``r`` rank components of every adapted layer, chosen uniformly
 without replacement; its mask is ``s = (r / k_n) 1_I`` so that ``E[diag(s)] = I``. ``B`` and ``A`` of
@@ -56,19 +57,3 @@ def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
         return value
 
     return jax.tree_util.tree_map_with_path(restrict, tree)
-
-
-def adapter_sizes(trainable: nnx.State) -> tuple[int, int]:
-    """(LoRA parameters, fully trained head parameters) of a trainable state."""
-    lora = head = 0
-    for path, var in nnx.to_flat_state(trainable):
-        if path[-1] in ("lora_a", "lora_b"):
-            lora += var[...].size
-        else:
-            head += var[...].size
-    return lora, head
-
-
-def upload_params(k: jax.Array, rank: int, lora_params: int, head_params: int) -> jax.Array:
-    """Parameters a client uploads: ``k/r`` of the adapter plus its heads (the seed is negligible)."""
-    return k / rank * lora_params + head_params
