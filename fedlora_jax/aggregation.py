@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from fedlora_jax.sketch import draw_sketch
+from fedlora_jax.sketch import draw_sketch, restrict_to_sketch
 
 Factors = dict[str, tuple[jax.Array, jax.Array]]  # layer path -> (A: d_in x r, B: r x d_out)
 
@@ -116,18 +116,6 @@ def prefix_sketch(k: jax.Array, template: nnx.State) -> nnx.State:
     """Rank masks keeping the first ``k`` components at value 1: truncation to rank ``k``
     (HetLoRA, FlexLoRA, FLoRA), not a rescaled random sketch."""
     return jax.tree.map(lambda s: (jnp.arange(s.shape[-1]) < k).astype(s.dtype), template)
-
-
-def zero_pad(tree, sketch: nnx.State):
-    """Zeroes every LoRA component outside the client's kept rank (HetLoRA's zero-padding of a
-    rank-``k`` adapter to the global rank ``r``); heads are kept whole."""
-    masks = _sketch_masks(sketch)
-    return map_factors(tree, lambda layer, a, b: (a * (masks[layer] > 0),
-                                                  b * (masks[layer] > 0)[:, None]))
-
-
-def _sketch_masks(sketch: nnx.State) -> dict[str, jax.Array]:
-    return {"/".join(_names(p)[:-1]): m for p, m in jax.tree_util.tree_flatten_with_path(sketch)[0]}
 
 
 def stack_factors(weights: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -282,7 +270,7 @@ class ProductAggregator(TruncatingAggregator):
     (:func:`stack_factors`) and, for the heads, the weighted sum of deltas."""
 
     def message(self, start, delta, sketch):
-        final = zero_pad(jax.tree.map(jnp.add, start, delta), sketch)
+        final = restrict_to_sketch(jax.tree.map(jnp.add, start, delta), sketch)  # zero-padded
         return lora_from(final, delta), jnp.ones((), jnp.float32)
 
     def reduce(self, weights, messages):

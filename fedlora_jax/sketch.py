@@ -44,7 +44,8 @@ def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
 
     ``lora_a`` (d_in, r) keeps the columns, ``lora_b`` (r, d_out) the rows of the kept components;
     other trainable leaves (heads) are kept whole. Used on optimizer updates so that weight decay or
-    momentum never moves a component the client did not hold.
+    momentum never moves a component the client did not hold, and by HetLoRA/FlexLoRA/FLoRA to
+    zero-pad a rank-``k`` adapter to the global rank.
     """
     masks = {path[:-1]: var[...] > 0 for path, var in nnx.to_flat_state(sketch)}
 

@@ -29,6 +29,7 @@ from fedlora_jax.lora import apply_lora
 from fedlora_jax.tasks import get_loss
 
 CHECKPOINT_DIR = "checkpoints"
+PARAM_BITS = 32.0  # bits per adapter parameter sent, up or down (fp32)
 
 
 @dataclasses.dataclass
@@ -146,12 +147,13 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     aggregator = strategy.aggregator(cfg.lora, cfg.federation)
     pool = ClientPool.from_partition(train, clients)
     parts = split_model(model)
-    profile, workload = make_profile(cfg, pool.num_clients), make_workload(cfg, parts, aggregator)
+    sizes = adapter_sizes(parts.trainable)
+    profile = make_profile(cfg, pool.num_clients)
+    workload = make_workload(cfg, parts, aggregator, sizes)
     engine = FederatedEngine(parts, pool, get_loss(task),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
                              server_optimizer=cfg.server_optimizer, federation=cfg.federation,
-                             clock=make_clock(cfg, profile, workload, aggregator,
-                                              adapter_sizes(parts.trainable)),
+                             clock=make_clock(cfg, profile, workload, aggregator, sizes),
                              aggregator=aggregator)
     return Setup(engine, heldout, labels, description, owners, profile, workload)
 
@@ -162,7 +164,8 @@ def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.System
                                      cfg.system)
 
 
-def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator) -> wireless.WorkloadModel:
+def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator, sizes: AdapterSizes
+                  ) -> wireless.WorkloadModel:
     """Per-client work of a round for this model, shared by the clock and the strategies' solver.
 
     FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul) and the
@@ -171,10 +174,11 @@ def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator) -> w
     """
     base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
                       if not any("embed" in str(p) for p in path))
-    sizes = adapter_sizes(parts.trainable)
     workload = wireless.workload_from_counts(
-        base_params, sizes.lora, cfg.client.batch_size * cfg.data.max_length, cfg.client.local_steps)
-    return dataclasses.replace(workload, payload_bits_full_rank=32.0 * aggregator.uploaded_lora_params(sizes))
+        base_params, sizes.lora, cfg.client.batch_size * cfg.data.max_length,
+        cfg.client.local_steps, bits=PARAM_BITS)
+    return dataclasses.replace(
+        workload, payload_bits_full_rank=PARAM_BITS * aggregator.uploaded_lora_params(sizes))
 
 
 def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
@@ -190,7 +194,7 @@ def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
 
     def clock(mask, k):
         times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
-        download_bits = 32.0 * aggregator.download_params(mask, k, rank, sizes)
+        download_bits = PARAM_BITS * aggregator.download_params(mask, k, rank, sizes)
         phases = wireless.server_phases(system, download_bits, server_flops)
         phases = jax.tree.map(lambda t: jnp.where(mask.any(), t, 0.0), phases)
         return {**times, **phases, "total": times["total"] + phases["download"] + phases["server"]}
@@ -215,7 +219,8 @@ def strategy_context(cfg: config_lib.RunConfig, setup: Setup) -> strategies.Cont
     engine = setup.engine
     n, agg, sizes = engine.num_clients, engine.aggregator, engine.adapter_sizes
     download = agg.download_params(np.ones(n, bool), np.full(n, engine.rank), engine.rank, sizes)
-    overhead = wireless.server_phases(cfg.system, 32.0 * float(download), agg.server_flops(sizes))
+    overhead = wireless.server_phases(cfg.system, PARAM_BITS * float(download),
+                                      agg.server_flops(sizes))
     return strategies.Context(
         rank=engine.rank, q_default=min(1.0, cfg.federation.participants / n),
         sketch_ratio=cfg.federation.sketch_ratio, weights=np.asarray(engine.pool.weights),
@@ -311,9 +316,9 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                         plan = strategy.plan(r, ctx, est)
                     before = jax.device_get(state.trainable)
                     new_state, result = engine.run_round(state, plan.q, plan.k)
+                    applied = strategies.tree_sq_norm(new_state.trainable, before)
                     new_est = strategies.observe(est, ctx, plan, result.participants,
-                                                 result.update_sq_norms,
-                                                 strategies.tree_sq_norm(new_state.trainable, before),
+                                                 result.update_sq_norms, applied,
                                                  head_sq_norms=result.reports["head_sq_norm"])
                     row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
                     row.update(expected_participants=float(plan.q.sum()),
@@ -346,9 +351,10 @@ def evaluate(setup: Setup, state) -> dict[str, float]:
     personalized rule where the data names owners, ``eval_personal_*``: each held-out example
     scored by its owner's model."""
     row = _prefixed(setup.engine.evaluate(state, setup.heldout), "eval_")
-    if setup.engine.aggregator.personalized and setup.heldout_owners is not None:
-        row.update(_prefixed(setup.engine.evaluate_personal(state, setup.heldout,
-                                                            setup.heldout_owners), "eval_personal_"))
+    engine = setup.engine
+    if engine.aggregator.personalized and setup.heldout_owners is not None:
+        personal = engine.evaluate_personal(state, setup.heldout, setup.heldout_owners)
+        row.update(_prefixed(personal, "eval_personal_"))
     return row
 
 

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax.aggregation import (Aggregator, TruncatingAggregator, lora_factors, normalized,
-                                     product_sq_norm, zero_pad)
+                                     product_sq_norm)
 from fedlora_jax.engine import FederationConfig, RoundResult
 from fedlora_jax.lora import LoRAConfig
+from fedlora_jax.sketch import restrict_to_sketch
 from fedlora_jax.strategies.base import Plan
 from fedlora_jax.strategies.fslora import TieredRanks
 
@@ -36,7 +37,8 @@ def component_sq_norms(tree) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class HetLoRAAggregator(TruncatingAggregator):
     def message(self, start, delta, sketch):
-        padded = zero_pad(jax.tree.map(jnp.add, start, delta), sketch)
+        # zero-padding to rank r: the components outside the client's prefix are zeroed
+        padded = restrict_to_sketch(jax.tree.map(jnp.add, start, delta), sketch)
         norm = jnp.sqrt(sum(product_sq_norm(a, b) for a, b in lora_factors(padded).values()))
         return padded, norm
 
