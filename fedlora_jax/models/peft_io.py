@@ -29,7 +29,9 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_TASKS = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 # PEFT options that change the adapter's math, with the value that leaves it plain LoRA.
 PLAIN = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-         "bias": "none", "target_parameters": None}
+         "bias": "none", "lora_bias": False, "target_parameters": None, "exclude_modules": None,
+         "layer_replication": None, "trainable_token_indices": None, "use_qalora": False,
+         "alora_invocation_tokens": None}
 
 
 def _transpose(w: jax.Array) -> jax.Array:
