@@ -3,8 +3,8 @@
 The NNX module trees mirror ``transformers``' module names, so each parameter's Hugging Face tensor
 name follows from its NNX path by a few regex rules (:data:`RULES`), each with the transform that
 turns the torch tensor into ours (``nn.Linear`` stores ``(d_out, d_in)``, ``nnx.Linear`` the
-transpose; GPT-2's ``Conv1D`` already stores ``(d_in, d_out)``, see :func:`hf_name`). Loading walks the parameters of an abstract model (``nnx.eval_shape``), so every one is
-accounted for: found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an
+transpose; GPT-2's ``Conv1D`` already stores ``(d_in, d_out)``, see :func:`hf_name`). Loading
+walks the parameters of an abstract model (``nnx.eval_shape``), so every one is accounted for: found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an
 error. The same naming serves :mod:`fedlora_jax.models.peft_io`, and ``load_pretrained(dir,
 adapter=adapter_dir)`` adds a PEFT adapter in the same call.
 """
@@ -101,11 +101,12 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         hint = (f" Found {other}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
                 if other else "")
         raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {directory}.{hint}")
-    with _open(single) as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
-def _open(file: Path):
+def open_safetensors(file: Path):
+    """A lazy reader of one safetensors file (its header is checked: a truncated file fails here)."""
     if not file.exists():
         raise FileNotFoundError(f"Checkpoint shard {file} listed in the index is missing; "
                                 "re-download or re-save the model.")
@@ -119,7 +120,7 @@ def _open(file: Path):
 def read_safetensors(file: Path) -> dict[str, jax.Array]:
     """Every tensor of one safetensors file; a corrupt or truncated file is a ``ValueError`` that
     says so."""
-    handle = _open(file)
+    handle = open_safetensors(file)
     try:
         return {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as e:
@@ -140,7 +141,7 @@ class _Checkpoint:
     def __getitem__(self, name: str) -> jax.Array:
         file = self.location[name]
         if file not in self._handles:
-            self._handles[file] = _open(file)
+            self._handles[file] = open_safetensors(file)
         try:
             return self._handles[file].get_tensor(name)
         except (SafetensorError, OSError) as e:
@@ -263,7 +264,7 @@ def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: in
         leaves.append((path, var.replace(jnp.asarray(value, dtype))))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.Embed):  # fixed at construction to the abstract model's float32
+        if isinstance(module, nnx.Embed):  # its compute dtype was fixed to the abstract float32
             module.dtype = dtype
 
     has_tokenizer = any((directory / f).exists() for f in _TOKENIZER_FILES)

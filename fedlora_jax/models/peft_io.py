@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fedlora_jax.lora import HeadParam, LoRAConfig, lora_layers, matches, path_str
-from fedlora_jax.models.hf import hf_name, read_safetensors
+from fedlora_jax.lora import HeadParam, LoRAConfig, LoRALinear, lora_layers, matches, path_str
+from fedlora_jax.models.hf import hf_name, open_safetensors, read_safetensors
 
 PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -88,7 +88,8 @@ def save_adapter(model: nnx.Module, directory: str | Path, lora: LoRAConfig, *,
         "lora_alpha": lora.alpha, "use_rslora": lora.rslora, "lora_dropout": lora.dropout,
         "target_modules": sorted(_dotted(p) for p, _ in layers),
         "modules_to_save": _saved_modules(model, lora.saved_modules) or None,
-        "bias": "none", "fan_in_fan_out": any(p.rsplit("/", 1)[-1] in _conv1d(model) for p, _ in layers), "init_lora_weights": True, "inference_mode": True,
+        "bias": "none", "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": any(p.rsplit("/", 1)[-1] in _conv1d(model) for p, _ in layers),
         "base_model_name_or_path": base_model_name_or_path,
     }
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
@@ -97,8 +98,8 @@ def save_adapter(model: nnx.Module, directory: str | Path, lora: LoRAConfig, *,
 
 def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, str | None]:
     """The :class:`LoRAConfig` of a PEFT LoRA adapter directory and its task (``classification``,
-    ``causal_lm`` or ``None``, from ``task_type``); checks both files exist and the settings are
-    plain LoRA (rsLoRA included) before anything is loaded."""
+    ``causal_lm`` or ``None``, from ``task_type``). Checks, before anything is loaded, that both
+    files exist and read, and that the settings are plain LoRA (rsLoRA included)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"Adapter directory {directory} does not exist; pass the directory "
@@ -122,8 +123,9 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, str | None]:
             raise ValueError(f"{file} has no {field!r}; it is not a complete LoRA adapter config.")
     unsupported = {k: config[k] for k, plain in PLAIN.items() if config.get(k) and config[k] != plain}
     if unsupported:
-        raise ValueError(f"{file} sets {unsupported}, which fedlora_jax does not support (plain LoRA "
-                         f"or rsLoRA only: {PLAIN}).")
+        raise ValueError(f"{file} sets {unsupported}, which fedlora_jax does not support: plain LoRA "
+                         "or rsLoRA adapters only.")
+    open_safetensors(directory / WEIGHTS)  # a truncated file fails here, before the model loads
     targets = config["target_modules"]  # module names, or one regex, over dot-joined paths
     targets = ((targets.replace(r"\.", "/"),) if isinstance(targets, str) else
                tuple(t.replace(".", "/") for t in targets))
@@ -136,7 +138,7 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, str | None]:
     return lora, tasks.get(config.get("task_type"))
 
 
-def _scaling_mismatch(lora: LoRAConfig, path: str, layer) -> str:
+def _scaling_mismatch(lora: LoRAConfig, path: str, layer: LoRALinear) -> str:
     """Why the adapter's scaling differs from the wrapped layer's, naming rsLoRA when it is that."""
     flipped = dataclasses.replace(lora, rslora=not lora.rslora)
     said = (f"Adapter r={lora.rank}, lora_alpha={lora.alpha:g}, use_rslora={lora.rslora} has scaling "
