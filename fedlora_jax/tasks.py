@@ -1,9 +1,10 @@
 """Training objectives: ``loss(model, batch) -> (scalar, metrics)`` for each supported task.
 
 A batch is a dict of arrays with a leading batch axis: ``input_ids`` and ``attention_mask`` (B, L),
-optionally ``token_type_ids`` (B, L) (the segments of text pairs; the model reads the fields named in
-:data:`MODEL_INPUTS`, by name), plus ``labels`` (B,) for classification, or an optional ``loss_mask`` (B, L) for causal LM (1 where
-the token is a target; defaults to ``attention_mask``, so prompts can be excluded from the loss).
+optionally ``token_type_ids`` (B, L) (the segments of text pairs), plus ``labels`` (B,) for
+classification, or an optional ``loss_mask`` (B, L) for causal LM (1 where the token is a target;
+defaults to ``attention_mask``, so prompts can be excluded from the loss). The model is called
+with the fields named in :data:`MODEL_INPUTS`, by name.
 Metrics are sums with a ``count``, so they average correctly over clients and batches.
 """
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from fedlora_jax.lora import LoRAConfig, apply_lora, lora_layers  # noqa: E402
+from fedlora_jax.lora import HeadParam, LoRAConfig, apply_lora, lora_layers  # noqa: E402
 from fedlora_jax.models.hf import load_pretrained  # noqa: E402
 from fedlora_jax.models.peft_io import load_adapter, save_adapter  # noqa: E402
 from tests.hf_helpers import (DECODER, ENCODER, GPT2, assert_close_on_valid, batch,  # noqa: E402
@@ -169,3 +169,19 @@ def test_adapter_errors_explain_the_fix(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="sets {'use_dora': True}.*plain LoRA"):
         load_pretrained(base, adapter=adapter)
+
+
+def test_default_modules_to_save_follow_the_task(tmp_path):
+    """``modules_to_save=None`` trains a classifier's head and leaves a causal LM's ``lm_head``
+    frozen (PEFT's SEQ_CLS / CAUSAL_LM defaults); explicit patterns must match."""
+    save_torch(tmp_path / "bert", "BertConfig", "BertForSequenceClassification", ENCODER)
+    save_torch(tmp_path / "gpt2", "GPT2Config", "GPT2LMHeadModel", {**GPT2, "tie_word_embeddings": False})
+    heads = lambda m: sorted({str(p[0]) for p, v in nnx.iter_graph(m) if isinstance(v, HeadParam)})
+    bert, _, _ = load_pretrained(tmp_path / "bert")
+    assert heads(apply_lora(bert, LoRAConfig(), rngs=nnx.Rngs(0))) == ["classifier"]
+    gpt2, _, _ = load_pretrained(tmp_path / "gpt2")
+    assert heads(apply_lora(gpt2, LoRAConfig(targets=("c_attn",)), rngs=nnx.Rngs(0))) == []
+    other, _, _ = load_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"modules_to_save \('classifier',\) match no module"):
+        apply_lora(other, LoRAConfig(targets=("c_attn",), modules_to_save=("classifier",)),
+                   rngs=nnx.Rngs(0))

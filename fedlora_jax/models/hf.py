@@ -4,8 +4,9 @@ The NNX module trees mirror ``transformers``' module names, so each parameter's 
 name follows from its NNX path by a few regex rules (:data:`RULES`), each with the transform that
 turns the torch tensor into ours (``nn.Linear`` stores ``(d_out, d_in)``, ``nnx.Linear`` the
 transpose; GPT-2's ``Conv1D`` already stores ``(d_in, d_out)``, see :func:`hf_name`). Loading
-walks the parameters of an abstract model (``nnx.eval_shape``), so every one is accounted for: found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an
-error. The same naming serves :mod:`fedlora_jax.models.peft_io`, and ``load_pretrained(dir,
+walks the parameters of an abstract model (``nnx.eval_shape``), so every one is accounted for:
+found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an error. The same
+naming serves :mod:`fedlora_jax.models.peft_io`, and ``load_pretrained(dir,
 adapter=adapter_dir)`` adds a PEFT adapter in the same call.
 """
 
