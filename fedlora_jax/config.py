@@ -90,8 +90,7 @@ class RunConfig:
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"),
-                                  modules_to_save=("classifier",))
+    lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"))
     client: ClientConfig = ClientConfig(local_steps=2, batch_size=4)
     client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 5e-3)
     server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)

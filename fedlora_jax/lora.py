@@ -32,6 +32,7 @@ class HeadParam(nnx.Param):
 
 
 TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
+DEFAULT_HEADS = ("classifier",)  # trained in full when present, by default (LoRAConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class LoRAConfig:
         (``/``-joined, e.g. ``layers/0/attn/query``) when it equals the last path components or
         fully matches it as a regular expression.
       modules_to_save: module-name patterns whose parameters are trained in full (heads).
+        ``None`` (the default) trains the classification head ``classifier`` when the model has
+        one and nothing otherwise (a causal LM's ``lm_head`` stays frozen), as PEFT's ``SEQ_CLS``
+        and ``CAUSAL_LM`` task types do; explicit patterns must each match a module.
       dropout: LoRA dropout probability on the adapter input (0 disables it).
     """
 
@@ -53,7 +57,7 @@ class LoRAConfig:
     alpha: float = 16.0
     rslora: bool = False
     targets: tuple[str, ...] = ("query", "value")
-    modules_to_save: tuple[str, ...] = ("classifier",)
+    modules_to_save: tuple[str, ...] | None = None
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -70,6 +74,11 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def saved_modules(self) -> tuple[str, ...]:
+        """The ``modules_to_save`` patterns in force (``None`` resolved to :data:`DEFAULT_HEADS`)."""
+        return DEFAULT_HEADS if self.modules_to_save is None else self.modules_to_save
 
 
 class LoRALinear(nnx.Module):
@@ -141,7 +150,7 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     saved = 0
     for path, module in list(nnx.iter_modules(model)):
         # As PEFT's ModulesToSaveWrapper: a matched module is trained whole, submodules included.
-        if any(matches(t, path_str(path[:i])) for t in cfg.modules_to_save
+        if any(matches(t, path_str(path[:i])) for t in cfg.saved_modules
                for i in range(1, len(path) + 1)):
             for attr, var in list(vars(module).items()):
                 if type(var) is nnx.Param:

@@ -13,6 +13,8 @@ ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attent
                intermediate_size=64, max_position_embeddings=64, num_labels=3)
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+            eos_token_id=0)
 
 
 def batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -31,9 +33,12 @@ def save_torch(tmp_path, config_cls: str, model_cls: str, kwargs: dict, seed: in
     return model
 
 
-def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray, **inputs: np.ndarray) -> np.ndarray:
+    """Logits of the torch model; ``inputs`` adds integer inputs (``token_type_ids``, ``position_ids``)."""
+    extra = {k: torch.tensor(v, dtype=torch.long) for k, v in inputs.items()}
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    **extra)
     return out.logits.numpy()
 
 

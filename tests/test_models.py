@@ -17,8 +17,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fedlora_jax.models.hf import load_pretrained  # noqa: E402
-from tests.hf_helpers import (DECODER, ENCODER, TOL, assert_close_on_valid, batch,  # noqa: E402
-                              save_torch, torch_logits)
+from tests.hf_helpers import (DECODER, ENCODER, GPT2, LENGTH, TOL, assert_close_on_valid,  # noqa: E402
+                              batch, save_torch, torch_logits)
+
+BF16_TOL = 3e-2  # bf16 logits within 3% of the largest fp32 logit (docs/api.md)
 
 # (name, config class, torch model class, config kwargs)
 CASES = [
@@ -33,7 +35,12 @@ CASES = [
     ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", {**DECODER, "tie_word_embeddings": True}),
     ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16, "tie_word_embeddings": False}),
     ("mistral_window", "MistralConfig", "MistralForCausalLM", {**DECODER, "sliding_window": 4}),
+    ("gpt2_tied", "GPT2Config", "GPT2LMHeadModel", GPT2),
+    ("gpt2_untied_layer_scaled", "GPT2Config", "GPT2LMHeadModel",
+     {**GPT2, "tie_word_embeddings": False, "n_inner": 48, "scale_attn_by_inverse_layer_idx": True,
+      "activation_function": "relu"}),
 ]
+ROBERTA = {**ENCODER, "pad_token_id": 1, "max_position_embeddings": 64 + 2}
 
 
 @pytest.mark.parametrize("name,config_cls,model_cls,kwargs", CASES, ids=[c[0] for c in CASES])
@@ -44,6 +51,72 @@ def test_logit_parity(tmp_path, name, config_cls, model_cls, kwargs):
     ids, mask = batch()
     logits = jax.jit(lambda i, m: model(i, m))(ids, mask)
     assert_close_on_valid(logits, torch_logits(torch_model, ids, mask), mask)
+
+
+def test_bert_segment_ids_parity(tmp_path):
+    """Non-zero ``token_type_ids`` (the second text of a pair) on a right-padded batch."""
+    torch_model = save_torch(tmp_path, "BertConfig", "BertForSequenceClassification", ENCODER)
+    model, _, _ = load_pretrained(tmp_path)
+    ids, mask = batch()
+    segments = ((np.arange(LENGTH) >= 4) * mask).astype(np.int32)  # row 1: segment 1 until padding
+    ref = torch_logits(torch_model, ids, mask, token_type_ids=segments)
+    assert_close_on_valid(jax.jit(lambda i, m, s: model(i, m, s))(ids, mask, segments), ref, mask)
+    with torch.no_grad():
+        hidden_ref = torch_model.bert(input_ids=torch.tensor(ids, dtype=torch.long),
+                                      attention_mask=torch.tensor(mask),
+                                      token_type_ids=torch.tensor(segments, dtype=torch.long))
+    hidden, _ = model.encode(ids, mask, segments)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid],
+                               hidden_ref.last_hidden_state.numpy()[valid], atol=TOL, rtol=0)
+    assert np.abs(np.asarray(hidden - model.encode(ids, mask)[0])[valid]).max() > 0.1  # they matter
+
+
+def test_single_segment_model_refuses_segment_ids(tmp_path):
+    save_torch(tmp_path, "RobertaConfig", "RobertaForSequenceClassification",
+               {**ROBERTA, "type_vocab_size": 1})  # as roberta-base
+    model, _, info = load_pretrained(tmp_path)
+    assert info.config.type_vocab_size == 1
+    ids, mask = batch()
+    np.testing.assert_allclose(model(ids, mask, np.zeros_like(ids)), model(ids, mask))
+    with pytest.raises(ValueError, match=r"segment\(s\) \[1\].*type_vocab_size=1: it has one segment"):
+        model(ids, mask, np.ones_like(ids))
+
+
+@pytest.mark.parametrize("config_cls,model_cls,kwargs", [
+    ("LlamaConfig", "LlamaForCausalLM", DECODER), ("GPT2Config", "GPT2LMHeadModel", GPT2)],
+    ids=["llama", "gpt2"])
+def test_left_padding_gives_unpadded_logits(tmp_path, config_cls, model_cls, kwargs):
+    """A left-padded row scores its tokens as the unpadded sequence does, and as ``transformers``
+    does given ``generate``'s position ids (counted over the mask)."""
+    torch_model = save_torch(tmp_path, config_cls, model_cls, kwargs)
+    model, _, _ = load_pretrained(tmp_path)
+    ids, _ = batch()
+    n = 7
+    left = ids.copy()
+    left[1] = np.concatenate([np.zeros(LENGTH - n, np.int32), ids[1, :n]])
+    mask = np.ones_like(ids)
+    mask[1, :LENGTH - n] = 0
+    ours = np.asarray(jax.jit(lambda i, m: model(i, m))(left, mask))
+    alone = np.asarray(model(ids[1:, :n], np.ones((1, n), np.int32)))[0]
+    np.testing.assert_allclose(ours[1, LENGTH - n:], alone, atol=TOL, rtol=0)
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    assert_close_on_valid(ours, torch_logits(torch_model, left, mask, position_ids=positions), mask)
+
+
+@pytest.mark.parametrize("config_cls,model_cls,kwargs", [
+    ("BertConfig", "BertForSequenceClassification", ENCODER),
+    ("GPT2Config", "GPT2LMHeadModel", GPT2)], ids=["bert", "gpt2"])
+def test_bfloat16_forward_close_to_float32(tmp_path, config_cls, model_cls, kwargs):
+    save_torch(tmp_path, config_cls, model_cls, kwargs)
+    ids, mask = batch()
+    full = np.asarray(load_pretrained(tmp_path)[0](ids, mask))
+    half, _, _ = load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    low = half(ids, mask)
+    assert low.dtype == jnp.bfloat16
+    valid = mask.astype(bool) if full.ndim == 3 else slice(None)
+    err = np.abs(np.asarray(low, np.float32)[valid] - full[valid]).max()
+    assert 0 < err <= BF16_TOL * np.abs(full[valid]).max()
 
 
 def test_bfloat16_load(tmp_path):

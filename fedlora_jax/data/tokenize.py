@@ -2,8 +2,8 @@
 
 Works with any ``transformers`` tokenizer loaded from a local directory
 (``AutoTokenizer.from_pretrained(path)``). Classification gives ``input_ids``,
-``attention_mask`` and ``labels`` (plus ``token_type_ids`` for text pairs, which BERT-style
-encoders use to tell the two segments apart); instruction data gives ``input_ids``,
+``attention_mask`` and ``labels`` (plus ``token_type_ids`` for text pairs when the tokenizer's
+model uses segments, as BERT does; RoBERTa's does not); instruction data gives ``input_ids``,
 ``attention_mask`` and a ``loss_mask`` that is 1 only on response tokens.
 """
 
@@ -19,11 +19,13 @@ Examples = dict[str, np.ndarray]
 
 
 def tokenize_classification(data: ClassificationData, tokenizer, max_length: int) -> Examples:
-    """Pads/truncates every text (pair) to ``max_length`` tokens."""
+    """Pads/truncates every text (pair) to ``max_length`` tokens; segment ids come with pairs for
+    tokenizers that list ``token_type_ids`` among their ``model_input_names``."""
     _check_max_length(max_length)
+    segments = data.text_pairs is not None and "token_type_ids" in tokenizer.model_input_names
     enc = tokenizer(list(data.texts), list(data.text_pairs) if data.text_pairs else None,
                     max_length=max_length, truncation=True, padding="max_length",
-                    return_tensors="np", return_token_type_ids=data.text_pairs is not None)
+                    return_tensors="np", return_token_type_ids=segments)
     examples = {k: np.asarray(enc[k], np.int32) for k in enc}
     examples["labels"] = np.asarray(data.labels, np.int32)
     return examples

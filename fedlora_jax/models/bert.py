@@ -4,6 +4,10 @@ The module tree mirrors ``transformers``' (``bert/encoder/layer/0/attention/self
 Hugging Face tensor name is the NNX path joined by dots (see :mod:`fedlora_jax.models.hf`) and PEFT
 target names (``query``, ``value``, ``dense``, ``classifier``) carry over unchanged. Dropout is off:
 the base is frozen and shared by all clients, and calls need no RNG.
+
+Every model takes ``(input_ids, attention_mask, token_type_ids=None)``: segment ids tell the two
+texts of a pair apart (BERT; ``None`` means all segment 0). RoBERTa has one segment
+(``type_vocab_size=1``) and refuses non-zero ids.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedlora_jax.models.layers import activation, attend, attention_mask_bts
+from fedlora_jax.models.layers import activation, attend, attention_mask_bts, check_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +72,20 @@ class BertEmbeddings(nnx.Module):
         self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
         self.LayerNorm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        chex.assert_equal_shape([input_ids, token_type_ids])
+        check_segments(token_type_ids, self.cfg.type_vocab_size)
         if self.cfg.roberta_positions:  # HF create_position_ids_from_input_ids
             not_pad = (input_ids != self.cfg.pad_token_id).astype(jnp.int32)
             positions = jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
         else:
             positions = jnp.arange(input_ids.shape[1])[None]
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+             + self.token_type_embeddings(token_type_ids))
         return self.LayerNorm(x)
+
 
 
 class BertSelfAttention(nnx.Module):
@@ -153,18 +162,19 @@ class BertPooler(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    """The encoder: ``(input_ids, attention_mask) -> last hidden state (B, T, D)``."""
+    """The encoder: ``(input_ids, attention_mask, token_type_ids) -> last hidden state (B, T, D)``."""
 
     def __init__(self, cfg: BertConfig, *, add_pooling_layer: bool, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
         self.encoder = BertEncoder(cfg, rngs=rngs)
         self.pooler = BertPooler(cfg, rngs=rngs) if add_pooling_layer else None
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
         chex.assert_rank([input_ids, attention_mask], 2)
         chex.assert_equal_shape([input_ids, attention_mask])
         mask = attention_mask_bts(attention_mask, causal=False)
-        return self.encoder(self.embeddings(input_ids), mask)
+        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -183,18 +193,20 @@ class BertForSequenceClassification(nnx.Module):
         self.bert = BertModel(cfg, add_pooling_layer=True, rngs=rngs)
         self.classifier = nnx.Linear(cfg.hidden_size, cfg.num_labels, rngs=rngs)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Last hidden state (B, T, D) and pooled output (B, D), as HF ``BertModel`` returns them."""
-        hidden = self.bert(input_ids, attention_mask)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return hidden, self.bert.pooler(hidden)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
         if self.cfg.pooling == "mean":
-            hidden = self.bert(input_ids, attention_mask)
+            hidden = self.bert(input_ids, attention_mask, token_type_ids)
             w = attention_mask.astype(hidden.dtype)[..., None]
             features = (hidden * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
         else:
-            features = self.encode(input_ids, attention_mask)[1]
+            features = self.encode(input_ids, attention_mask, token_type_ids)[1]
         logits = self.classifier(features)
         chex.assert_shape(logits, (input_ids.shape[0], self.cfg.num_labels))
         return logits
@@ -220,7 +232,8 @@ class RobertaForSequenceClassification(nnx.Module):
         self.roberta = BertModel(cfg, add_pooling_layer=False, rngs=rngs)
         self.classifier = RobertaClassificationHead(cfg, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        logits = self.classifier(self.roberta(input_ids, attention_mask))
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
+        logits = self.classifier(self.roberta(input_ids, attention_mask, token_type_ids))
         chex.assert_shape(logits, (input_ids.shape[0], self.cfg.num_labels))
         return logits

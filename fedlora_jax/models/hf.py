@@ -3,9 +3,11 @@
 The NNX module trees mirror ``transformers``' module names, so each parameter's Hugging Face tensor
 name follows from its NNX path by a few regex rules (:data:`RULES`), each with the transform that
 turns the torch tensor into ours (``nn.Linear`` stores ``(d_out, d_in)``, ``nnx.Linear`` the
-transpose). Loading walks the parameters of an abstract model (``nnx.eval_shape``), so every one is
-accounted for: found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an
-error. The same naming serves :mod:`fedlora_jax.models.peft_io`.
+transpose; GPT-2's ``Conv1D`` already stores ``(d_in, d_out)``, see :func:`hf_name`). Loading
+walks the parameters of an abstract model (``nnx.eval_shape``), so every one is accounted for:
+found, randomly initialised (a missing head, reported in :class:`LoadInfo`), or an error. The same
+naming serves :mod:`fedlora_jax.models.peft_io`, and ``load_pretrained(dir,
+adapter=adapter_dir)`` adds a PEFT adapter in the same call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import transformers
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from fedlora_jax.lora import LoRAConfig, apply_lora
 from fedlora_jax.models.bert import BertConfig, BertForSequenceClassification, RobertaForSequenceClassification
+from fedlora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 # NNX leaf -> (HF leaf, torch -> NNX transform); nnx.Linear kernels are torch weights transposed.
@@ -46,6 +50,7 @@ _DECODER = Architecture(LlamaConfig.from_hf, {"causal_lm": LlamaForCausalLM})
 _ROBERTA = Architecture(BertConfig.from_hf, {"classification": RobertaForSequenceClassification})
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture(BertConfig.from_hf, {"classification": BertForSequenceClassification}),
+    "gpt2": Architecture(GPT2Config.from_hf, {"causal_lm": GPT2LMHeadModel}),
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
     "llama": _DECODER,
@@ -58,7 +63,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 @dataclasses.dataclass(frozen=True)
 class LoadInfo:
     """What :func:`load_pretrained` did: ``initialized`` lists HF tensor names that were missing
-    from the checkpoint and randomly initialised (heads only); ``unexpected`` the unused tensors."""
+    from the checkpoint and randomly initialised (heads only); ``unexpected`` the unused tensors;
+    ``lora`` the adapter's settings when an adapter was loaded."""
 
     model_type: str
     task: str
@@ -67,11 +73,17 @@ class LoadInfo:
     files: tuple[str, ...]
     initialized: tuple[str, ...]
     unexpected: tuple[str, ...]
+    lora: LoRAConfig | None = None
 
 
-def hf_name(path: Sequence) -> tuple[str, Callable[[jax.Array], jax.Array]]:
-    """HF tensor name of the NNX parameter at ``path`` and the transform torch -> NNX."""
+def hf_name(path: Sequence, conv1d: Sequence[str] = ()) -> tuple[str, Callable[[jax.Array], jax.Array]]:
+    """HF tensor name of the NNX parameter at ``path`` and the transform torch -> NNX.
+
+    ``conv1d`` names the modules stored as ``transformers``' ``Conv1D`` (a model class's
+    ``CONV1D``), whose ``(d_in, d_out)`` weight is an ``nnx.Linear`` kernel as it is."""
     dotted = ".".join(str(p) for p in path)
+    if len(path) > 1 and path[-1] == "kernel" and str(path[-2]) in conv1d:
+        return dotted.removesuffix("kernel") + "weight", lambda w: w
     for pattern, repl, transform in RULES:
         if pattern.fullmatch(dotted):
             return pattern.sub(repl, dotted), transform
@@ -90,11 +102,12 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         hint = (f" Found {other}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
                 if other else "")
         raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {directory}.{hint}")
-    with _open(single) as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
-def _open(file: Path):
+def open_safetensors(file: Path):
+    """A lazy reader of one safetensors file (its header is checked: a truncated file fails here)."""
     if not file.exists():
         raise FileNotFoundError(f"Checkpoint shard {file} listed in the index is missing; "
                                 "re-download or re-save the model.")
@@ -102,7 +115,18 @@ def _open(file: Path):
         return safe_open(str(file), framework="flax")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"Cannot read {file} as safetensors ({e}); the file is corrupt or truncated: "
-                         "re-download it or re-save the model with save_pretrained.") from e
+                         "re-download it or write it again with save_pretrained.") from e
+
+
+def read_safetensors(file: Path) -> dict[str, jax.Array]:
+    """Every tensor of one safetensors file; a corrupt or truncated file is a ``ValueError`` that
+    says so."""
+    handle = open_safetensors(file)
+    try:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"Cannot read {file} ({e}); the file is corrupt or truncated: re-download "
+                         "it or write it again with save_pretrained.") from e
 
 
 class _Checkpoint:
@@ -118,7 +142,7 @@ class _Checkpoint:
     def __getitem__(self, name: str) -> jax.Array:
         file = self.location[name]
         if file not in self._handles:
-            self._handles[file] = _open(file)
+            self._handles[file] = open_safetensors(file)
         try:
             return self._handles[file].get_tensor(name)
         except (SafetensorError, OSError) as e:
@@ -178,19 +202,31 @@ def _mean_pooled(directory: Path) -> bool:
 
 
 def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: int | None = None,
-                    dtype: jnp.dtype = jnp.float32, seed: int = 0):
+                    dtype: jnp.dtype = jnp.float32, seed: int = 0,
+                    adapter: str | Path | None = None):
     """Loads a local HF model directory -> ``(model, tokenizer, info)``.
 
     ``task`` picks the head (``classification`` for encoders, ``causal_lm`` for decoders; defaults to
-    the family's only one); ``num_labels`` overrides the config's. Weights are cast to ``dtype``.
-    Checkpoints of the bare backbone (``encoder.layer...``) and of the task model
-    (``bert.encoder.layer...``) both load; missing head tensors are initialised with ``seed``. The
-    tokenizer is ``None`` when the directory has no tokenizer files.
+    the adapter's ``task_type``, else the family's only one); ``num_labels`` overrides the config's.
+    Weights are cast to ``dtype``. Checkpoints of the bare backbone (``encoder.layer...``) and of
+    the task model (``bert.encoder.layer...``) both load; missing head tensors are initialised with
+    ``seed``. The tokenizer is ``None`` when the directory has no tokenizer files.
+
+    ``adapter``: a PEFT LoRA adapter directory. Its ``adapter_config.json`` (rank, alpha, rsLoRA,
+    targets, modules_to_save, dropout) wraps the model (:func:`fedlora_jax.lora.apply_lora`), its
+    weights are loaded (:func:`fedlora_jax.models.peft_io.load_adapter`) and the model is returned
+    in eval mode (LoRA dropout off); ``info.lora`` holds the settings.
     """
+    from fedlora_jax.models import peft_io  # imported here: peft_io imports this module
+
     directory = Path(path)
     model_type = _read_model_type(directory)
     arch = ARCHITECTURES[model_type]
-    task = task or next(iter(arch.models))
+    lora, adapter_task = peft_io.read_adapter_config(adapter) if adapter is not None else (None, None)
+    if task and adapter_task and task != adapter_task:
+        raise ValueError(f"task={task!r} but the adapter in {adapter} was trained for "
+                         f"{adapter_task!r} (task_type in {peft_io.CONFIG}).")
+    task = task or adapter_task or next(iter(arch.models))
     if task not in arch.models:
         raise ValueError(f"Task {task!r} is not available for model_type {model_type!r}; "
                          f"available: {sorted(arch.models)}.")
@@ -199,6 +235,7 @@ def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: in
     if _mean_pooled(directory) and hasattr(config, "pooling"):
         config = dataclasses.replace(config, pooling="mean")
     model_cls = arch.models[task]
+    conv1d = getattr(model_cls, "CONV1D", ())
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -209,7 +246,7 @@ def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: in
     key = jax.random.key(seed)
     used, initialized, leaves = set(), [], []
     for path, var in nnx.to_flat_state(state):
-        name, transform = hf_name(path)
+        name, transform = hf_name(path, conv1d)
         stored = name if prefixed or not name.startswith(base) else name[len(base):]
         if stored in ckpt:
             value = transform(ckpt[stored])
@@ -227,11 +264,18 @@ def load_pretrained(path: str | Path, *, task: str | None = None, num_labels: in
                              f"not a {model_type} {task} checkpoint or the files are incomplete.")
         leaves.append((path, var.replace(jnp.asarray(value, dtype))))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Embed):  # its compute dtype was fixed to the abstract float32
+            module.dtype = dtype
 
     has_tokenizer = any((directory / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    if lora is not None:
+        apply_lora(model, lora, rngs=nnx.Rngs(seed))
+        peft_io.load_adapter(model, adapter)
+        model.eval()
     info = LoadInfo(model_type=model_type, task=task, config=config, hf_config=hf_config,
                     files=tuple(sorted({str(f) for f in ckpt.location.values()})),
                     initialized=tuple(initialized),
-                    unexpected=tuple(sorted(set(ckpt.location) - used)))
+                    unexpected=tuple(sorted(set(ckpt.location) - used)), lora=lora)
     return model, tokenizer, info

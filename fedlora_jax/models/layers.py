@@ -1,4 +1,5 @@
-"""Pieces shared by the Hugging Face model families: activations, attention masks, attention, RoPE.
+"""Pieces shared by the Hugging Face model families: activations, segment and position ids,
+attention masks, attention, RoPE.
 
 Shapes are named by dimension letters: ``b`` batch, ``t`` query positions, ``s`` key positions,
 ``n`` query heads, ``k`` key/value heads, ``h`` head dim, ``d`` model dim.
@@ -32,6 +33,21 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def check_segments(token_type_ids: jax.Array, type_vocab_size: int) -> None:
+    """Raises if concrete segment ids fall outside ``[0, type_vocab_size)``. Inside ``jit`` the
+    values are unknown and the check is skipped; the data pipeline only produces segment ids for
+    tokenizers that declare them (:func:`fedlora_jax.data.tokenize.tokenize_classification`)."""
+    if isinstance(token_type_ids, jax.core.Tracer):
+        return
+    bad = np.setdiff1d(np.asarray(token_type_ids), np.arange(type_vocab_size))
+    if bad.size:
+        fix = ("it has one segment (as RoBERTa): drop token_type_ids, or tokenize with the model's "
+               "own tokenizer, which gives none" if type_vocab_size == 1 else
+               "use segment ids from the model's own tokenizer")
+        raise ValueError(f"token_type_ids hold segment(s) {bad.tolist()[:4]} but the model has "
+                         f"type_vocab_size={type_vocab_size}: {fix}.")
+
+
 def attention_mask_bts(attention_mask: jax.Array, *, causal: bool,
                        sliding_window: int | None = None) -> jax.Array:
     """Boolean mask (B, 1, T, S): key ``s`` is visible from query ``t``.
@@ -51,11 +67,23 @@ def attention_mask_bts(attention_mask: jax.Array, *, causal: bool,
     return mask
 
 
-def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads (``n`` a multiple of ``k``) -> (B, T, N*H)."""
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids (B, T) counted over the unmasked tokens of each row, as ``transformers``'
+    ``generate`` derives them: ``0..n-1`` on the tokens whatever padding precedes them, so a
+    left-padded row gets the same positions as unpadded (right padding gives ``0..T-1`` on the
+    valid tokens, as a forward without ``position_ids`` does). Pad positions are clipped to 0."""
+    chex.assert_rank(attention_mask, 2)
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array,
+           scale: float | None = None) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads (``n`` a multiple of ``k``) -> (B, T, N*H).
+
+    ``scale`` multiplies the scores (default ``1/sqrt(h)``)."""
     b, t, n, h = q_btnh.shape
     chex.assert_equal_shape([k_bskh, v_bskh])
-    out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts)
+    out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
     return out.reshape(b, t, n * h)
 
 

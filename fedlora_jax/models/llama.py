@@ -3,7 +3,8 @@
 Pre-RMSNorm blocks with rotary positions, grouped-query attention and a SwiGLU MLP; the families
 differ only in config flags (q/k/v and o biases, Qwen3's per-head q/k RMSNorm, sliding windows, tied
 embeddings). Module names mirror ``transformers``' (``model/layers/0/self_attn/q_proj``, ...).
-Positions are ``0..T-1`` as in a ``transformers`` forward without ``position_ids``: pad on the right.
+Positions count the unmasked tokens (:func:`~fedlora_jax.models.layers.positions_from_mask`), so
+right- and left-padded batches both give each row its unpadded logits.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import ClassVar
 
 import chex
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from fedlora_jax.models.layers import RopeConfig, activation, apply_rope, attend, attention_mask_bts
+from fedlora_jax.models.layers import (RopeConfig, activation, apply_rope, attend, attention_mask_bts,
+                                       positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class LlamaModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         chex.assert_rank([input_ids, attention_mask], 2)
         chex.assert_equal_shape([input_ids, attention_mask])
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        positions = positions_from_mask(attention_mask)
         windows = self.cfg.sliding_windows or (None,) * self.cfg.num_layers
         masks = {w: attention_mask_bts(attention_mask, causal=True, sliding_window=w)
                  for w in set(windows)}

@@ -4,7 +4,8 @@ Pre-LN blocks with linear layers named like BERT's (``query``, ``key``, ``value`
 ``intermediate``, ``ffn_output``) so the same LoRA target patterns apply to it and to the real
 backbones. ``TinyConfig.task`` picks the head: ``classification`` (mean-pooled, ``classifier``) or
 ``causal_lm`` (causal attention, ``lm_head``). Both follow the model interface of :mod:`fedlora_jax.models`:
-``model(input_ids, attention_mask) -> logits``.
+``model(input_ids, attention_mask, token_type_ids=None) -> logits``; segment ids (text pairs) add a
+learned segment embedding, as BERT's do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedlora_jax.models.layers import attend
+from fedlora_jax.models.layers import attend, check_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,7 @@ class TinyConfig:
     d_ff: int = 128
     max_len: int = 128
     num_labels: int = 4
+    type_vocab_size: int = 2
     task: str = "classification"  # or "causal_lm"
 
     def __post_init__(self):
@@ -78,8 +80,11 @@ class TinyTransformer(nnx.Module):
             self.classifier = nnx.Linear(cfg.d_model, cfg.num_labels, rngs=rngs)
         else:
             self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+        # drawn last, so the other parameters do not depend on whether segments exist
+        self.segment_embed = nnx.Embed(cfg.type_vocab_size, cfg.d_model, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
         b, t = input_ids.shape
         valid = attention_mask.astype(bool)
         mask = valid[:, None, :] & valid[:, :, None]
@@ -87,6 +92,9 @@ class TinyTransformer(nnx.Module):
             mask = mask & jnp.tril(jnp.ones((t, t), bool))[None]
         mask = mask | jnp.eye(t, dtype=bool)[None]  # padded rows attend to themselves: no NaN
         x = self.embed(input_ids) + self.pos_embed(jnp.arange(t))[None]
+        if token_type_ids is not None:
+            check_segments(token_type_ids, self.cfg.type_vocab_size)
+            x = x + self.segment_embed(token_type_ids)
         for layer in self.layers:
             x = layer(x, mask)
         x = self.final_norm(x)
