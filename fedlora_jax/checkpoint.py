@@ -1,18 +1,25 @@
 """Checkpoints of a run with orbax: the engine's :class:`~fedlora_jax.engine.ServerState` (global
 trainables, server optimizer state, round, PRNG key, simulated clock), the host-side state of the
-run's strategy (a pytree of arrays: its estimates and current plan) and the elapsed host time.
+run's strategy (a pytree of arrays: its estimates and current plan), the elapsed host time, the
+config the run had at that round and a SHA-256 digest of every saved array.
 
 One checkpoint per saved round, under ``OUTPUT_DIR/checkpoints/<round>``. orbax writes each into a
 temporary directory and renames it when complete, so a save that dies midway leaves the previous
-checkpoint as the latest one. The round is also the metrics offset: on resume, ``metrics.jsonl``
-keeps its rows up to that round (:func:`fedlora_jax.metrics.truncate`).
+checkpoint as the latest one. A checkpoint damaged afterwards (a truncated file, flipped bits)
+fails to restore or fails its digest; :meth:`Checkpointer.restore_latest_good` then falls back to
+the newest one that restores and verifies. The round is also the metrics offset: on resume,
+``metrics.jsonl`` keeps its rows up to that round (:func:`fedlora_jax.metrics.truncate`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fedlora_jax.engine import ServerState
@@ -23,9 +30,23 @@ def _to_saved(state: ServerState) -> ServerState:
     return state.replace(key=jax.random.key_data(state.key))
 
 
+def digest(tree) -> str:
+    """SHA-256 over the dtype, shape and bytes of every leaf of ``tree``, in tree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        leaf = np.asarray(leaf)
+        h.update(f"{leaf.dtype}{leaf.shape}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
 def is_alive(state: ServerState) -> bool:
     """False when a donated buffer of ``state`` was consumed (an interrupted round)."""
     return not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of the run restores and verifies."""
 
 
 class Checkpointer:
@@ -41,22 +62,30 @@ class Checkpointer:
         """The round of the newest complete checkpoint (``None`` if there is none)."""
         return self._manager.latest_step()
 
-    def save(self, state: ServerState, host, *, elapsed_s: float) -> int:
-        """Writes ``state``, the ``host`` pytree and the elapsed wall time as the checkpoint of
-        ``state``'s round (once: a round already saved is kept)."""
+    def save(self, state: ServerState, host, *, elapsed_s: float, config: dict | None = None
+             ) -> int:
+        """Writes ``state``, the ``host`` pytree, the elapsed wall time and the run's ``config``
+        as the checkpoint of ``state``'s round (once: a round already saved is kept)."""
         step = int(state.round)
         if step not in self._manager.all_steps():
+            saved = _to_saved(state)
+            meta = {"round": step, "elapsed_s": elapsed_s, "config": config,
+                    "digest": digest((saved, host))}
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_saved(state)),
-                host=ocp.args.StandardSave(host),
-                meta=ocp.args.JsonSave({"round": step, "elapsed_s": elapsed_s})))
+                state=ocp.args.StandardSave(saved), host=ocp.args.StandardSave(host),
+                meta=ocp.args.JsonSave(meta)))
         return step
+
+    def read_meta(self, step: int) -> dict:
+        """The metadata of round ``step``'s checkpoint (round, elapsed time, config, digest)."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
 
     def restore(self, template: ServerState, host_template, step: int | None = None
                 ) -> tuple[ServerState, object, dict]:
         """Restores round ``step`` (default: the latest) into the structure, shapes and dtypes of
-        the templates (``engine.init()`` and a fresh host pytree); returns
-        ``(state, host, {"round", "elapsed_s"})``."""
+        the templates (``engine.init()`` and a fresh host pytree) and checks its digest; returns
+        ``(state, host, meta)``."""
         step = self.latest_round() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self._manager.directory}; start the run "
@@ -65,8 +94,40 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract[0]), host=ocp.args.StandardRestore(abstract[1]),
             meta=ocp.args.JsonRestore()))
+        meta = dict(restored.meta)
+        if meta.get("digest") != digest((restored.state, restored.host)):
+            raise CheckpointError("its arrays do not match the digest saved with them")
         key = jax.random.wrap_key_data(restored.state.key, impl=jax.random.key_impl(template.key))
-        return restored.state.replace(key=key), restored.host, dict(restored.meta)
+        return restored.state.replace(key=key), restored.host, meta
+
+    def restore_latest_good(self, template: ServerState, host_template, log=print
+                            ) -> tuple[ServerState, object, dict]:
+        """:meth:`restore` of the newest checkpoint that restores and verifies. Each newer one
+        that fails is reported through ``log`` (round and reason) and deleted, so that the run
+        saves that round again."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {self._manager.directory}; start the run "
+                                    "without --resume.")
+        failures = []
+        for step in steps:
+            try:
+                with _quiet_orbax():
+                    restored = self.restore(template, host_template, step)
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint is damage
+                reason = _first_line(e)
+                failures.append(f"round {step}: {reason}")
+                log(f"checkpoint of round {step} is damaged ({reason}); "
+                    + ("falling back to an older one" if step != steps[-1] else "none left"))
+                continue
+            for bad in steps[:steps.index(step)]:
+                self._manager.delete(bad)
+            if failures:
+                log(f"resuming from the checkpoint of round {step}, the newest that verifies")
+            return restored
+        raise CheckpointError(f"No checkpoint in {self._manager.directory} restores ("
+                              + "; ".join(failures) + "): start the run again without --resume "
+                              "(--overwrite).")
 
     def close(self) -> None:
         self._manager.close()
@@ -76,3 +137,23 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+    text = (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silences orbax's and absl's error logs while a possibly damaged checkpoint is read: the
+    failure is reported in one line by the caller."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
