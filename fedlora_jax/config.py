@@ -337,7 +337,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, 
         if isinstance(a, dict) and isinstance(b, dict) and name != "strategy_options":
             changed.update(differences(a, b, name + "."))
         elif _plain(a) != _plain(b):
-            changed[name] = (a, b)
+            changed[name] = (_plain(a), _plain(b))
     return changed
 
 

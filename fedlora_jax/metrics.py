@@ -29,7 +29,16 @@ def read_rows(path: str | Path) -> list[dict]:
     file = _jsonl_path(path)
     if not file.is_file():
         raise FileNotFoundError(f"No metrics at {file}; is this a run directory?")
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}, line {number}: not a JSON row ({e.msg}); remove or fix "
+                             "that line.") from None
+    return rows
 
 
 def truncate(path: str | Path, last_round: int) -> list[dict]:

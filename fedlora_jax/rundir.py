@@ -107,8 +107,10 @@ def saved_config(out: Path) -> dict:
 def check_resume(out: Path, cfg: dict) -> dict[str, tuple]:
     """The settings of ``cfg`` that differ from the saved run's: ValueError naming each one the
     run cannot change (:data:`fedlora_jax.config.RESUMABLE`) with both values, or a round count
-    below the latest checkpoint's; else the allowed changes, ``{setting: (old, new)}``."""
+    below the latest checkpoint's; else the allowed changes, ``{setting: (old, new)}`` (the
+    folder's own path aside)."""
     changed = config_lib.differences(saved_config(out), cfg)
+    changed.pop("output_dir", None)  # a moved or copied folder: where the run is now
     fixed = {k: v for k, v in changed.items() if k not in config_lib.RESUMABLE}
     if fixed:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in fixed.items())

@@ -403,9 +403,9 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
 
 def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer, out: Path) -> Diverged:
     last = checkpoints.latest_round()
-    where = (f"the last good checkpoint is round {last} in {out / rundir.CHECKPOINT_DIR}: resume "
+    where = (f"The last good checkpoint is round {last} in {out / rundir.CHECKPOINT_DIR}: resume "
              f"from it with --resume and a lower --set client_optimizer.learning_rate=..."
-             if last is not None else "no checkpoint was saved yet: start again with "
+             if last is not None else "No checkpoint was saved yet: start again with "
              "--overwrite and a lower --set client_optimizer.learning_rate=...")
     return Diverged(f"Training diverged in round {round}: {what}. {where} (or set "
                     "client_optimizer.clip_norm).")

@@ -63,11 +63,12 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", help=_strategy_help())
     p.add_argument("--output-dir", help="where config, metrics, checkpoints and figures go "
                                         "(default runs/latest)")
-    p.add_argument("--resume", action="store_true",
+    folder = p.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT_DIR from its newest good checkpoint; only "
                         "--rounds, learning rates, eval_every, checkpoint_every and chunking "
                         "may change")
-    p.add_argument("--overwrite", action="store_true",
+    folder.add_argument("--overwrite", action="store_true",
                    help="replace the run in OUTPUT_DIR (without it, a folder holding a run is "
                         "refused)")
     p.add_argument("--print-config", action="store_true",

@@ -139,7 +139,7 @@ def run_point(point: dict, cfg) -> dict:
     result = Path(cfg.output_dir) / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
-    history = train(cfg, progress="none", log=lambda *_: None)
+    history = train(cfg, progress="none", log=lambda *_: None, overwrite=True)
     rounds = [h for h in history if "participants" in h]
     last = history[-1]
     row = {**point, "point": point_name(point), "seed": cfg.federation.seed, "rounds": len(rounds),
