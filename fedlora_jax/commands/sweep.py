@@ -165,7 +165,7 @@ def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
 def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
     """Final accuracy and simulated wall-clock against the first grid key, one line per setting of
     the other keys."""
-    from fedlora_jax.metrics import _pyplot
+    from fedlora_jax.metrics import _pyplot, log_x_axis
 
     plt = _pyplot()
     x_key, others = keys[0], keys[1:]
@@ -181,7 +181,8 @@ def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
         ax.set_xlabel(x_key)
         ax.set_ylabel(y)
         if x_key in LOG_AXES:
-            ax.set_xscale("log")
+            points = [r[x_key] for r in rows]
+            log_x_axis(ax, points, ticks=points)
         if others:
             ax.legend(fontsize=7)
     fig.tight_layout()
