@@ -358,7 +358,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                 try:
                     for r in range(int(state.round) + 1, rounds + 1):
                         if strategy.due(r):
-                            plan = strategy.plan(r, ctx, est)
+                            plan = _plan(strategy, r, ctx, est, log)
                         before = jax.device_get(state.trainable)
                         try:
                             new_state, result = engine.run_round(state, plan.q, plan.k)
@@ -399,6 +399,20 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
             json.dumps(allocation_record(setup, plan, cfg.system)))
     log(summary(history))
     return history
+
+
+def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
+          est: strategies.Estimates, log) -> strategies.Plan:
+    """The strategy's plan for round ``r``; a re-plan after round 1 (a solve, for ``adaptive``)
+    is announced and summarized, as it may take seconds."""
+    if r == 1:
+        return strategy.plan(r, ctx, est)
+    log(f"round {r}: {strategy.name} is planning every client's q and rank...")
+    start = time.perf_counter()
+    plan = strategy.plan(r, ctx, est)
+    log(f"round {r}: planned in {time.perf_counter() - start:.1f} s: {plan.q.sum():.1f} expected "
+        f"participants, mean rank {plan.k.mean():.2f} of {ctx.rank}")
+    return plan
 
 
 def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer, out: Path) -> Diverged:

@@ -21,12 +21,16 @@ EXAMPLE = textwrap.dedent("""\
       fedlora-jax run --strategy adaptive --set strategy_options.pilot_rounds=3
       fedlora-jax run --strategy hetlora --set strategy_options.ratios=[0.25,0.5,1.0]
 
-    Every option of the config (printed at start, saved as OUTPUT_DIR/config.json) can be set
-    with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
+    Every option of the config (saved as OUTPUT_DIR/config.json; --print-config shows it) can be
+    set with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
     Layers apply in order: defaults, --preset, --config, then the options and --set.
-    Checkpoints go to OUTPUT_DIR/checkpoints every checkpoint_every rounds, at the end and on
-    Ctrl-C; --resume reads OUTPUT_DIR/config.json (options and --set still apply) and continues
-    from the latest checkpoint exactly as an uninterrupted run. At the end, the figures and
+    An output folder belongs to one run: a second run there is refused while the first runs, and
+    a folder holding a run needs --resume (continue) or --overwrite (replace). Checkpoints go to
+    OUTPUT_DIR/checkpoints every checkpoint_every rounds and at the end; Ctrl-C or SIGTERM finishes
+    the round, saves it and exits (130 / 143). --resume reads OUTPUT_DIR/config.json and
+    continues from the newest checkpoint that verifies, exactly as an uninterrupted run; it may
+    change only --rounds (to extend), learning rates, eval_every, checkpoint_every and chunking,
+    and records each change in OUTPUT_DIR/config_history.jsonl. At the end, the figures and
     metrics.csv are written beside metrics.jsonl ('fedlora-jax plot OUTPUT_DIR' rebuilds them).""")
 
 
@@ -137,7 +141,10 @@ def main(args) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     progress = "jsonl" if args.jsonl else "none" if args.quiet else "bar"
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.jsonl else print
+    from tqdm.auto import tqdm
+
+    log = ((lambda line: print(line, file=sys.stderr, flush=True)) if args.jsonl else
+           print if args.quiet else tqdm.write)  # tqdm.write keeps the progress bar whole
     if args.jsonl:
         print(json.dumps({"event": "config", "config": to_dict(cfg)}), flush=True)
     elif not args.quiet:
