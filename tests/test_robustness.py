@@ -149,10 +149,15 @@ def test_resume_below_the_checkpoint_round_is_a_clear_error(finished, capsys):
 
 
 def test_resume_with_allowed_changes_continues_and_records_them(run_copy, capsys):
-    code = _run("--resume", "--output-dir", run_copy, "--rounds", 3, "--quiet",
+    code = _run("--resume", "--output-dir", run_copy, "--rounds", 3,
                 "--set", "client_optimizer.learning_rate=0.001", "--set", "eval_every=1")
-    assert code == 0, capsys.readouterr().err
-    assert [row["round"] for row in metrics.read_rows(run_copy)] == [0, 1, 2, 3]
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header = out.splitlines()[:2]  # a short header, not the whole config
+    assert header[0].startswith(f"resuming {run_copy}: model tiny, data synthetic, 8 clients")
+    assert header[1] == ("  changed: client_optimizer.learning_rate=0.001, federation.rounds=3, "
+                         "eval_every=1")
+    assert "classes: 0=class_0, 1=class_1, 2=class_2, 3=class_3" in out  # the label map    assert [row["round"] for row in metrics.read_rows(run_copy)] == [0, 1, 2, 3]
     first, resumed = rundir.config_history(run_copy)
     assert first["from_round"] == 1 and first["changed"] == {}
     assert resumed["from_round"] == 3
@@ -174,6 +179,24 @@ def test_divergence_stops_early_naming_the_last_good_checkpoint(run_copy, tmp_pa
     fresh = dataclasses.replace(resumed, output_dir=str(tmp_path / "fresh"))
     with pytest.raises(Diverged, match="round 1: .*No checkpoint was saved yet"):
         train(fresh, progress="none", log=lambda line: None)
+
+
+def test_the_label_map_is_saved(finished):
+    assert json.loads((finished / rundir.LABELS_FILE).read_text()) == [
+        "class_0", "class_1", "class_2", "class_3"]
+
+
+def test_mixed_labels_load_once_mapped_explicitly(tmp_path):
+    from fedlora_jax.data.loaders import load_classification
+
+    file = _bad_data(tmp_path, "d.json", json.dumps([{"text": "a", "label": "pos"},
+                                                     {"text": "b", "label": 0}]))
+    with pytest.raises(ValueError, match="mixes text and integer labels"):
+        load_classification(file)
+    data = load_classification(file, label_names=["neg", "pos"])
+    assert data.labels.tolist() == [1, 0] and data.label_names == ("neg", "pos")
+    cfg = load_config(overrides=[f"data.source={file}", "data.label_names=[neg,pos]"])
+    assert cfg.data.label_names == ("neg", "pos")
 
 
 def _bad_data(tmp_path: Path, name: str, text: str | bytes) -> Path:
