@@ -1,13 +1,14 @@
 """Checkpoints of a run with orbax: the engine's :class:`~fedlora_jax.engine.ServerState` (global
 trainables, server optimizer state, round, PRNG key, simulated clock), the host-side state of the
-run's strategy (a pytree of arrays: its estimates and current plan), the elapsed host time, the
-config the run had at that round and a SHA-256 digest of every saved array.
+run's strategy (a pytree of arrays: its estimates and current plan), the elapsed host time and
+the config the run had at that round.
 
 One checkpoint per saved round, under ``OUTPUT_DIR/checkpoints/<round>``. orbax writes each into a
 temporary directory and renames it when complete, so a save that dies midway leaves the previous
-checkpoint as the latest one. A checkpoint damaged afterwards (a truncated file, flipped bits)
-fails to restore or fails its digest; :meth:`Checkpointer.restore_latest_good` then falls back to
-the newest one that restores and verifies. The round is also the metrics offset: on resume,
+checkpoint as the latest one. Then the SHA-256 of every file of the checkpoint goes to
+``<round>/sha256.json``: a checkpoint damaged afterwards (a truncated file, flipped bits) fails
+that check before orbax reads it, and :meth:`Checkpointer.restore_latest_good` falls back to the
+newest one that verifies and restores. The round is also the metrics offset: on resume,
 ``metrics.jsonl`` keeps its rows up to that round (:func:`fedlora_jax.metrics.truncate`).
 """
 
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from fedlora_jax.engine import ServerState
@@ -30,14 +31,30 @@ def _to_saved(state: ServerState) -> ServerState:
     return state.replace(key=jax.random.key_data(state.key))
 
 
-def digest(tree) -> str:
-    """SHA-256 over the dtype, shape and bytes of every leaf of ``tree``, in tree order."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(tree)):
-        leaf = np.asarray(leaf)
-        h.update(f"{leaf.dtype}{leaf.shape}".encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
+HASHES = "sha256.json"
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (but the hash list), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != HASHES}
+
+
+def verify(folder: Path) -> None:
+    """Raises :class:`CheckpointError` naming the first file of checkpoint ``folder`` that is
+    missing or differs from the hash saved with it (nothing is checked without a hash list)."""
+    listed = folder / HASHES
+    if not listed.is_file():
+        return
+    try:
+        saved = json.loads(listed.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"its hash list {HASHES} is damaged") from None
+    now = file_hashes(folder)
+    for name, digest in saved.items():
+        if now.get(name) != digest:
+            raise CheckpointError(f"{name} is missing" if name not in now else
+                                  f"{name} differs from its SHA-256 saved with the checkpoint")
 
 
 def is_alive(state: ServerState) -> bool:
@@ -56,7 +73,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        with _quiet_orbax():  # a damaged checkpoint's metadata is reported on restore
+            self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def latest_round(self) -> int | None:
         """The round of the newest complete checkpoint (``None`` if there is none)."""
@@ -68,44 +86,40 @@ class Checkpointer:
         as the checkpoint of ``state``'s round (once: a round already saved is kept)."""
         step = int(state.round)
         if step not in self._manager.all_steps():
-            saved = _to_saved(state)
-            meta = {"round": step, "elapsed_s": elapsed_s, "config": config,
-                    "digest": digest((saved, host))}
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(saved), host=ocp.args.StandardSave(host),
-                meta=ocp.args.JsonSave(meta)))
+                state=ocp.args.StandardSave(_to_saved(state)), host=ocp.args.StandardSave(host),
+                meta=ocp.args.JsonSave({"round": step, "elapsed_s": elapsed_s, "config": config})))
+            folder = self._step_dir(step)
+            (folder / HASHES).write_text(json.dumps(file_hashes(folder)))
         return step
 
-    def read_meta(self, step: int) -> dict:
-        """The metadata of round ``step``'s checkpoint (round, elapsed time, config, digest)."""
-        return dict(self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta)
+    def _step_dir(self, step: int) -> Path:
+        return Path(self._manager.directory) / str(step)
 
     def restore(self, template: ServerState, host_template, step: int | None = None
                 ) -> tuple[ServerState, object, dict]:
-        """Restores round ``step`` (default: the latest) into the structure, shapes and dtypes of
-        the templates (``engine.init()`` and a fresh host pytree) and checks its digest; returns
-        ``(state, host, meta)``."""
+        """Verifies round ``step`` (default: the latest) against its file hashes and restores it
+        into the structure, shapes and dtypes of the templates (``engine.init()`` and a fresh host
+        pytree); returns ``(state, host, meta)``."""
         step = self.latest_round() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self._manager.directory}; start the run "
                                     "without --resume.")
+        verify(self._step_dir(step))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (_to_saved(template), host_template))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract[0]), host=ocp.args.StandardRestore(abstract[1]),
             meta=ocp.args.JsonRestore()))
-        meta = dict(restored.meta)
-        if meta.get("digest") != digest((restored.state, restored.host)):
-            raise CheckpointError("its arrays do not match the digest saved with them")
         key = jax.random.wrap_key_data(restored.state.key, impl=jax.random.key_impl(template.key))
-        return restored.state.replace(key=key), restored.host, meta
+        return restored.state.replace(key=key), restored.host, dict(restored.meta)
 
     def restore_latest_good(self, template: ServerState, host_template, log=print
                             ) -> tuple[ServerState, object, dict]:
         """:meth:`restore` of the newest checkpoint that restores and verifies. Each newer one
         that fails is reported through ``log`` (round and reason) and deleted, so that the run
         saves that round again."""
-        steps = sorted(self._manager.all_steps(), reverse=True)
+        with _quiet_orbax():
+            steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"No checkpoint in {self._manager.directory}; start the run "
                                     "without --resume.")

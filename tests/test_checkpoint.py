@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fedlora_jax import metrics
-from fedlora_jax.checkpoint import CheckpointError, Checkpointer
+from fedlora_jax.checkpoint import HASHES, CheckpointError, Checkpointer
 from fedlora_jax.config import load_config
 from fedlora_jax.engine import FederatedEngine
 from fedlora_jax.train import train
@@ -141,10 +141,13 @@ def _largest_data_file(state_dir):
     return max((state_dir / "d").iterdir(), key=lambda p: p.stat().st_size)
 
 
-def _other_digest(meta_file):
-    meta = json.loads(meta_file.read_text())
-    meta["digest"] = "0" * len(meta["digest"])
-    meta_file.write_text(json.dumps(meta))
+def _unlisted(damage):
+    """``damage`` to a checkpoint without its hash list (a save killed before writing it): orbax's
+    own failure to read it is the evidence."""
+    def damage_unlisted(ck):
+        (ck / HASHES).unlink()
+        damage(ck)
+    return damage_unlisted
 
 
 @pytest.mark.parametrize("damage", [
@@ -152,9 +155,10 @@ def _other_digest(meta_file):
     lambda ck: _truncate(ck / "state" / "manifest.ocdbt"),
     lambda ck: _flip_bits(_largest_data_file(ck / "state")),
     lambda ck: _truncate(ck / "meta" / "metadata"),
-    lambda ck: _other_digest(ck / "meta" / "metadata"),
+    _unlisted(lambda ck: _truncate(ck / "state" / "_METADATA")),
+    _unlisted(lambda ck: _truncate(ck / "state" / "manifest.ocdbt")),
 ], ids=["truncated-metadata", "truncated-manifest", "flipped-bits", "truncated-meta",
-        "digest-mismatch"])
+        "unlisted-truncated-metadata", "unlisted-truncated-manifest"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, saved_every_k, tmp_path,
                                                               uninterrupted):
     run = tmp_path / "run"
