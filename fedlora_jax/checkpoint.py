@@ -76,6 +76,10 @@ class Checkpointer:
         with _quiet_orbax():  # a damaged checkpoint's metadata is reported on restore
             self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
+    @property
+    def directory(self) -> Path:
+        return Path(self._manager.directory)
+
     def latest_round(self) -> int | None:
         """The round of the newest complete checkpoint (``None`` if there is none)."""
         return self._manager.latest_step()
@@ -94,7 +98,7 @@ class Checkpointer:
         return step
 
     def _step_dir(self, step: int) -> Path:
-        return Path(self._manager.directory) / str(step)
+        return self.directory / str(step)
 
     def restore(self, template: ServerState, host_template, step: int | None = None
                 ) -> tuple[ServerState, object, dict]:

@@ -326,21 +326,8 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
         if overwrite:
             rundir.clear(out)
         with checkpoint.Checkpointer(out / rundir.CHECKPOINT_DIR) as checkpoints:
-            fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
-            if resume:
-                state, host, meta = checkpoints.restore_latest_good(
-                    fresh[0], _host_tree(*fresh[1:]), log=log)
-                (est, plan), elapsed = _from_host_tree(host), meta["elapsed_s"]
-                history = metrics_lib.truncate(metrics_path, int(state.round))
-                rundir.record_config(out, saved, int(state.round) + 1, changed)
-                log(f"resumed from the checkpoint of round {int(state.round)}"
-                    + (f"; changed: {_listed(changed)}" if changed else ""))
-            else:
-                rundir.record_config(out, saved, 1, {})
-                (out / rundir.LABELS_FILE).write_text(json.dumps(list(setup.label_names)))
-                (state, est, plan), elapsed = fresh, 0.0
-                history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
-                metrics_path.write_text(json.dumps(history[0]) + "\n")
+            state, est, plan, history, elapsed = _start(
+                setup, ctx, checkpoints, saved, changed, resume=resume, log=log)
             rounds, every = cfg.federation.rounds, cfg.checkpoint_every
             if int(state.round) == rounds:
                 log(f"the run is complete at round {rounds}: nothing to run (extend it with "
@@ -360,13 +347,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                         if strategy.due(r):
                             plan = _plan(strategy, r, ctx, est, log)
                         before = jax.device_get(state.trainable)
-                        try:
-                            new_state, result = engine.run_round(state, plan.q, plan.k)
-                        except FloatingPointError as e:
-                            raise _diverged(r, str(e), checkpoints, out) from None
-                        if result.participants.size and not result.train_loss <= bound:
-                            raise _diverged(r, f"train loss {result.train_loss:.4g} (bound "
-                                               f"{bound:.4g})", checkpoints, out)
+                        new_state, result = _run_round(engine, state, plan, r, bound, checkpoints)
                         applied = strategies.tree_sq_norm(new_state.trainable, before)
                         new_est = strategies.observe(est, ctx, plan, result.participants,
                                                      result.update_sq_norms, applied,
@@ -401,6 +382,44 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     return history
 
 
+def _start(setup: Setup, ctx: strategies.Context, checkpoints: checkpoint.Checkpointer,
+           config: dict, changed: dict, *, resume: bool, log):
+    """-> ``(state, estimates, plan, metrics rows, elapsed seconds)`` to run from: the newest
+    good checkpoint (``metrics.jsonl`` truncated to its round), or round 0, evaluated. Records
+    the config the run continues or starts with."""
+    engine, out = setup.engine, Path(config["output_dir"])
+    metrics_path = out / metrics_lib.METRICS_FILE
+    fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
+    if resume:
+        state, host, meta = checkpoints.restore_latest_good(fresh[0], _host_tree(*fresh[1:]),
+                                                            log=log)
+        est, plan = _from_host_tree(host)
+        history = metrics_lib.truncate(metrics_path, int(state.round))
+        rundir.record_config(out, config, int(state.round) + 1, changed)
+        log(f"resumed from the checkpoint of round {int(state.round)}"
+            + (f"; changed: {_listed(changed)}" if changed else ""))
+        return state, est, plan, history, meta["elapsed_s"]
+    rundir.record_config(out, config, 1, {})
+    (out / rundir.LABELS_FILE).write_text(json.dumps(list(setup.label_names)))
+    state, est, plan = fresh
+    history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
+    metrics_path.write_text(json.dumps(history[0]) + "\n")
+    return state, est, plan, history, 0.0
+
+
+def _run_round(engine: FederatedEngine, state, plan: strategies.Plan, r: int, bound: float,
+               checkpoints: checkpoint.Checkpointer):
+    """``engine.run_round`` (round ``r``), stopped with :class:`Diverged` when the clients'
+    updates or their mean training loss are not finite or the loss exceeds ``bound``."""
+    try:
+        new_state, result = engine.run_round(state, plan.q, plan.k)
+    except FloatingPointError as e:
+        raise _diverged(r, str(e), checkpoints) from None
+    if result.participants.size and not result.train_loss <= bound:
+        raise _diverged(r, f"train loss {result.train_loss:.4g} (bound {bound:.4g})", checkpoints)
+    return new_state, result
+
+
 def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
           est: strategies.Estimates, log) -> strategies.Plan:
     """The strategy's plan for round ``r``; a re-plan after round 1 (a solve, for ``adaptive``)
@@ -415,9 +434,9 @@ def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
     return plan
 
 
-def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer, out: Path) -> Diverged:
+def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer) -> Diverged:
     last = checkpoints.latest_round()
-    where = (f"The last good checkpoint is round {last} in {out / rundir.CHECKPOINT_DIR}: resume "
+    where = (f"The last good checkpoint is round {last} in {checkpoints.directory}: resume "
              f"from it with --resume and a lower --set client_optimizer.learning_rate=..."
              if last is not None else "No checkpoint was saved yet: start again with "
              "--overwrite and a lower --set client_optimizer.learning_rate=...")
