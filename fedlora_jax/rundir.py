@@ -79,8 +79,9 @@ def check_contents(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ValueError("--resume continues the run in the output folder and --overwrite "
                          "replaces it: give one of them.")
     if resume and not saved_rounds(out):
+        fix = "start it again with --overwrite" if holds_run(out) else "start it without --resume"
         raise FileNotFoundError(f"Nothing to resume: {out / CHECKPOINT_DIR} holds no checkpoint; "
-                                "start the run without --resume.")
+                                f"{fix}.")
     if not resume and not overwrite and holds_run(out):
         raise ValueError(f"{out} holds a run already: continue it with --resume, replace it with "
                          "--overwrite, or give another --output-dir.")

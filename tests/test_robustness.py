@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedlora_jax import cli, metrics, rundir
-from fedlora_jax.config import RunConfig, from_dict, load_config
+from fedlora_jax.config import RunConfig, from_dict, load_config, to_dict
 from fedlora_jax.train import Diverged, train
 from tests import compile_cache
 
@@ -261,6 +261,21 @@ def test_plot_on_a_compare_folder_names_a_run_to_plot(tmp_path, capsys):
         json.dumps({"strategy": "adaptive", "seed": 0, "round": 0, "eval_loss": 1.0}) + "\n")
     _one_line_error(capsys, cli.main(["plot", str(tmp_path)]), "is a 'fedlora-jax compare' "
                     "folder", str(tmp_path / "adaptive" / "seed0"))
+
+
+def test_print_config_prints_the_whole_config_and_runs_nothing(tmp_path, capsys):
+    assert _run("--preset", "tiny", "--output-dir", tmp_path / "x", "--print-config") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["source"] == "tiny" and printed["lora"]["rank"] == 4
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_needs_overwrite(tmp_path, capsys):
+    cfg = load_config(preset="tiny", overrides=[f"output_dir={tmp_path}"])
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
+    _one_line_error(capsys, _run("--resume", "--output-dir", tmp_path),
+                    "holds no checkpoint; start it again with --overwrite")
 
 
 def test_resume_and_overwrite_exclude_each_other(capsys):
