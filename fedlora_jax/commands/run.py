@@ -132,6 +132,8 @@ def header(cfg, args) -> str:
 def main(args) -> int:
     import signal
 
+    from tqdm.auto import tqdm
+
     from fedlora_jax.config import to_dict
     from fedlora_jax.metrics import plot_run
     from fedlora_jax.train import Interrupted, train
@@ -141,8 +143,6 @@ def main(args) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     progress = "jsonl" if args.jsonl else "none" if args.quiet else "bar"
-    from tqdm.auto import tqdm
-
     log = ((lambda line: print(line, file=sys.stderr, flush=True)) if args.jsonl else
            print if args.quiet else tqdm.write)  # tqdm.write keeps the progress bar whole
     if args.jsonl:
