@@ -9,6 +9,7 @@ validates.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -231,7 +232,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: RunCon
     settings applied."""
     from fedlora_jax import strategies  # strategies import the component configs
 
-    values = baseline(base, preset)
+    before = baseline(base, preset)
+    values = copy.deepcopy(before)
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -246,10 +248,10 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: RunCon
         _merge(values, _nest(keys, value))
     if preset is not None and (missing := presets.missing(preset, values)):
         raise ValueError(f"Preset {preset!r} needs: " + "; ".join(missing) + ".")
-    _resolve_files(values, baseline(base, preset))
+    _resolve_files(values, before)
     cfg = from_dict(RunConfig, values)
     strategy = strategies.strategy_of(cfg)
-    if reasons := strategies.contradictions(strategy, cfg, baseline(base, preset)):
+    if reasons := strategies.contradictions(strategy, cfg, before):
         raise ValueError(" ".join(reasons))
     return strategies.configure(cfg, strategy)
 
