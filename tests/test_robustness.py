@@ -103,7 +103,7 @@ def test_two_concurrent_runs_on_one_folder(tmp_path):
     """The second run is refused in one line; the first completes with every round once."""
     cli_run = [sys.executable, "-m", "fedlora_jax.cli", "run", *TINY, "--output-dir",
                str(tmp_path), "--quiet"]
-    first = subprocess.Popen([*cli_run, "--rounds", "150"], stdout=subprocess.PIPE,
+    first = subprocess.Popen([*cli_run, "--rounds", "100"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (tmp_path / rundir.LOCK_FILE).exists():
@@ -117,8 +117,8 @@ def test_two_concurrent_runs_on_one_folder(tmp_path):
             or "holds a run already" in second.stderr)  # ... or finished in the meantime
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert [row["round"] for row in metrics.read_rows(tmp_path)] == list(range(151))
-    assert json.loads((tmp_path / "config.json").read_text())["federation"]["rounds"] == 150
+    assert [row["round"] for row in metrics.read_rows(tmp_path)] == list(range(101))
+    assert json.loads((tmp_path / "config.json").read_text())["federation"]["rounds"] == 100
     assert len(rundir.config_history(tmp_path)) == 1
 
 
