@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -120,8 +121,8 @@ class Checkpointer:
     def restore_latest_good(self, template: ServerState, host_template, log=print
                             ) -> tuple[ServerState, object, dict]:
         """:meth:`restore` of the newest checkpoint that restores and verifies. Each newer one
-        that fails is reported through ``log`` (round and reason) and deleted, so that the run
-        saves that round again."""
+        that fails is reported through ``log`` (round and reason) and moved aside to
+        ``damaged-<round>-<time>``, so that the run saves that round again."""
         with _quiet_orbax():
             steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
@@ -138,10 +139,11 @@ class Checkpointer:
                 log(f"checkpoint of round {step} is damaged ({reason}); "
                     + ("falling back to an older one" if step != steps[-1] else "none left"))
                 continue
-            for bad in steps[:steps.index(step)]:
-                self._manager.delete(bad)
-            if failures:
-                log(f"resuming from the checkpoint of round {step}, the newest that verifies")
+            damaged = steps[:steps.index(step)]
+            for bad in damaged:  # kept for inspection, out of orbax's way: the round saves again
+                self._step_dir(bad).rename(self.directory / f"damaged-{bad}-{time.time_ns()}")
+            if damaged:
+                self._manager.reload()
             return restored
         raise CheckpointError(f"No checkpoint in {self._manager.directory} restores ("
                               + "; ".join(failures) + "): start the run again without --resume "
