@@ -327,7 +327,7 @@ def to_dict(cfg) -> dict:
 # rounds were (the run's identity); every other setting must equal the checkpoint's.
 RESUMABLE = ("federation.rounds", "client_optimizer.learning_rate",
              "server_optimizer.learning_rate", "eval_every", "checkpoint_every",
-             "federation.chunk_size", "federation.block_size", "federation.devices", "output_dir")
+             "federation.chunk_size", "federation.block_size", "federation.devices")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from fedlora_jax import config as config_lib
+from fedlora_jax import metrics
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -29,8 +30,8 @@ HISTORY_FILE = "config_history.jsonl"
 LABELS_FILE = "labels.json"
 CHECKPOINT_DIR = "checkpoints"
 # What a run writes (and --overwrite removes); anything else in the folder is left alone.
-RUN_FILES = (CONFIG_FILE, HISTORY_FILE, LABELS_FILE, "metrics.jsonl", "metrics.csv",
-             "allocation.json", "learning_curves.png", "round_times.png", "allocation.png",
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, LABELS_FILE, metrics.METRICS_FILE, "metrics.csv",
+             metrics.ALLOCATION_FILE, "learning_curves.png", "round_times.png", "allocation.png",
              CHECKPOINT_DIR)
 
 
@@ -61,7 +62,8 @@ def _busy(out: Path, pid: str) -> ValueError:
 
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds the files of a run (finished, interrupted or failed)."""
-    return any((out / name).exists() for name in (CONFIG_FILE, "metrics.jsonl", CHECKPOINT_DIR))
+    return any((out / name).exists()
+               for name in (CONFIG_FILE, metrics.METRICS_FILE, CHECKPOINT_DIR))
 
 
 def check_free(out: Path, *, resume: bool, overwrite: bool) -> None:
