@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vectorized simulator of adaptive federated sketched LoRA over heterogeneous "
                     "wireless networks (arXiv 2505.23555).",
         epilog="Run 'fedlora-jax COMMAND --help' for the options and an example of each command.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"fedlora_jax.commands.{name}").register(sub)
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        if args.debug:
+            raise
         print(f"fedlora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,9 +9,11 @@ validates.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
+import os
 import tomllib
 import types
 import typing
@@ -46,7 +48,9 @@ class DataConfig:
     """``source``: ``builtin`` (Python's documentation, 7 chapters), ``synthetic`` or a local file
     (TSV/CSV/JSON/JSONL classification data). ``partition``: ``natural`` (by topic, builtin only),
     ``dirichlet`` (over labels, with ``alpha``) or ``iid``. ``synthetic_per_client``: examples
-    per client of the synthetic data (before the held-out split)."""
+    per client of the synthetic data (before the held-out split). ``label_names``: the classes of
+    a file in index order; a label equal to a name gets its index, an integer label is an index
+    (needed when a file mixes text and integer labels, e.g. ``pos`` and ``1``)."""
 
     source: str = "builtin"
     num_clients: int = 50
@@ -56,6 +60,7 @@ class DataConfig:
     heldout_fraction: float = 0.2
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
+    label_names: tuple[str, ...] = ()
     synthetic_per_client: int = 50
 
     def __post_init__(self):
@@ -107,9 +112,11 @@ class RunConfig:
     def __post_init__(self):
         from fedlora_jax import strategies  # strategies import the component configs
 
-        reasons = strategies.contradictions(strategies.strategy_of(self), self)
-        if reasons:
-            raise ValueError(" ".join(reasons))
+        strategies.strategy_of(self)  # the strategy exists and its options are valid
+        if self.federation.participants > self.data.num_clients:
+            raise ValueError(f"federation.participants={self.federation.participants:g} exceeds "
+                             f"data.num_clients={self.data.num_clients}: at most every client "
+                             "takes part in a round; lower participants or raise num_clients.")
         if self.bandwidth_allocation not in ("adaptive", "equal"):
             raise ValueError(f"bandwidth_allocation must be 'adaptive' or 'equal', "
                              f"got {self.bandwidth_allocation!r}.")
@@ -219,24 +226,82 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def load_config(path: str | None = None, overrides: list[str] = (), base: RunConfig | None = None,
                 preset: str | None = None) -> RunConfig:
     """Layers ``base`` (default: :class:`RunConfig`), a named preset, a TOML/YAML/JSON file and
-    ``--set`` overrides, in that order; validates everything before returning."""
-    values: dict = dataclasses.asdict(base or RunConfig())
-    if preset is not None:
-        _merge(values, presets.values(preset))
+    ``--set`` overrides, in that order; validates everything, refuses settings of the file and
+    overrides that contradict the strategy, and returns the config with the strategy's pinned
+    settings applied."""
+    from fedlora_jax import strategies  # strategies import the component configs
+
+    before = baseline(base, preset)
+    values = copy.deepcopy(before)
     if path is not None:
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"Config file {file} does not exist.")
-        text = file.read_text()
-        loaded = (tomllib.loads(text) if file.suffix == ".toml" else
-                  json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)) or {}
+        loaded = _read_settings(file)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Config file {file} must hold a table of settings (section: "
+                             f"key: value), got {type(loaded).__name__}.")
         _merge(values, loaded)
     for item in overrides:
         keys, value = parse_override(item)
         _merge(values, _nest(keys, value))
     if preset is not None and (missing := presets.missing(preset, values)):
         raise ValueError(f"Preset {preset!r} needs: " + "; ".join(missing) + ".")
-    return from_dict(RunConfig, values)
+    _resolve_files(values, before)
+    cfg = from_dict(RunConfig, values)
+    strategy = strategies.strategy_of(cfg)
+    if reasons := strategies.contradictions(strategy, cfg, before):
+        raise ValueError(" ".join(reasons))
+    return strategies.configure(cfg, strategy)
+
+
+def _resolve_files(values: dict, before: dict) -> None:
+    """Model and data files as absolute paths (a run resumes from any directory); a data file
+    whose partition was left at ``natural`` (owners exist only in the built-in data) is split
+    ``iid``."""
+    for section, builtin in (("model", ("minilm", "tiny")), ("data", ("builtin", "synthetic"))):
+        settings = values.get(section)
+        source = settings.get("source") if isinstance(settings, dict) else None
+        if not isinstance(source, str) or source in builtin:
+            continue
+        if os.path.exists(source):
+            settings["source"] = os.path.abspath(source)
+        if section == "data" and settings.get("partition") == before["data"]["partition"] == "natural":
+            settings["partition"] = "iid"
+
+
+def baseline(base: RunConfig | None = None, preset: str | None = None) -> dict:
+    """The settings before the user's own layers (file, options, ``--set``): ``base`` (default:
+    :class:`RunConfig`'s defaults) with a named preset over it, as a :func:`to_dict` tree."""
+    values = json.loads(json.dumps(dataclasses.asdict(base or RunConfig())))
+    if preset is not None:
+        _merge(values, presets.values(preset))
+    return values
+
+
+def _read_settings(file: Path):
+    """A TOML, JSON or YAML file's settings; a syntax error names the file, line and column."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".toml":
+            return tomllib.loads(text) or {}
+        if file.suffix == ".json":
+            return json.loads(text) or {}
+        return yaml.safe_load(text) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Config file {file} is not UTF-8 text (byte {e.start}); save it as "
+                         "UTF-8.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"Config file {file}: invalid TOML: {e}; fix the syntax there.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Config file {file}, line {e.lineno}, column {e.colno}: invalid JSON "
+                         f"({e.msg}); fix the syntax there.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"Config file {file}{where}: invalid YAML ({problem}); fix the syntax "
+                         "there (indentation, 'key: value').") from None
 
 
 def _nest(keys: list[str], value) -> dict:
@@ -255,3 +320,27 @@ def _merge(into: dict, new: dict) -> None:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Settings a resumed run may change: they alter neither a saved array's shape nor what the earlier
+# rounds were (the run's identity); every other setting must equal the checkpoint's.
+RESUMABLE = ("federation.rounds", "client_optimizer.learning_rate",
+             "server_optimizer.learning_rate", "eval_every", "checkpoint_every",
+             "federation.chunk_size", "federation.block_size", "federation.devices")
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted setting -> ``(old, new)`` for every leaf setting that differs between two
+    :func:`to_dict` trees (lists and tuples compare equal element-wise)."""
+    changed = {}
+    for key in dict.fromkeys([*old, *new]):
+        a, b, name = old.get(key), new.get(key), prefix + key
+        if isinstance(a, dict) and isinstance(b, dict) and name != "strategy_options":
+            changed.update(differences(a, b, name + "."))
+        elif _plain(a) != _plain(b):
+            changed[name] = (_plain(a), _plain(b))
+    return changed
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as config.json holds them

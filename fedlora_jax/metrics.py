@@ -29,7 +29,16 @@ def read_rows(path: str | Path) -> list[dict]:
     file = _jsonl_path(path)
     if not file.is_file():
         raise FileNotFoundError(f"No metrics at {file}; is this a run directory?")
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}, line {number}: not a JSON row ({e.msg}); remove or fix "
+                             "that line.") from None
+    return rows
 
 
 def truncate(path: str | Path, last_round: int) -> list[dict]:
@@ -70,6 +79,33 @@ def _pyplot():
     return plt
 
 
+def log_x_axis(ax, values, ticks=None) -> None:
+    """A readable logarithmic x axis over ``values``: labelled at ``ticks`` (e.g. a grid's points)
+    or else at powers of ten (1-2-5 steps within two decades), short labels, no minor labels."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if ticks is None:
+        values = np.asarray(values, np.float64)
+        values = values[np.isfinite(values) & (values > 0)]
+        decades = np.log10(values.max() / values.min()) if values.size else 0.0
+        subs = (1.0,) if decades > 2 else (1.0, 2.0, 5.0)
+        locator = ticker.LogLocator(subs=subs, numticks=8)
+    else:
+        locator = ticker.FixedLocator(sorted(set(ticks)))
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _short(v)))
+
+
+def _short(v: float) -> str:
+    """``2000 -> '2000'``, ``4e11 -> '4e11'``, ``0.5 -> '0.5'``."""
+    if v <= 0 or 1e-3 <= v < 1e5:
+        return f"{v:g}"
+    exponent = int(math.floor(math.log10(v)))
+    return f"{v / 10 ** exponent:.3g}e{exponent}"
+
+
 def _series(m: dict[str, np.ndarray], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` over the rows where both are finite."""
     if x not in m or y not in m:
@@ -98,18 +134,28 @@ def plot_learning_curves(m: dict[str, np.ndarray], path: Path) -> Path:
     return path
 
 
+ROUND_PARTS = ("total", "download", "compute", "upload", "server")
+
+
 def plot_round_times(m: dict[str, np.ndarray], path: Path) -> Path:
-    """Distribution of the simulated round time and of its compute / upload parts."""
+    """Distribution of the simulated round time and of its parts (the parts that cost time in
+    this run), on shared bins with an integer count axis."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
+    parts = {part: values[np.isfinite(values)] for part in ROUND_PARTS
+             if (values := m.get(f"round_{part}_s")) is not None}
+    parts = {part: values for part, values in parts.items() if values.size and values.any()}
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    for part in ("total", "compute", "upload"):
-        values = m.get(f"round_{part}_s", np.zeros(0))
-        values = values[np.isfinite(values)]
-        if values.size:
-            ax.hist(values, bins=min(30, max(5, values.size // 2)), alpha=0.5, label=part)
+    if parts:
+        edges = np.histogram_bin_edges(np.concatenate(list(parts.values())),
+                                       bins=min(30, max(5, len(m["round"]) // 2)))
+        for part, values in parts.items():
+            ax.hist(values, bins=edges, alpha=0.5, label=part)
+        ax.legend()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("simulated round time (s)")
     ax.set_ylabel("rounds")
-    ax.legend()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -118,7 +164,8 @@ def plot_round_times(m: dict[str, np.ndarray], path: Path) -> Path:
 RESOURCES = {"flops_per_s": "compute speed (FLOP/s)", "snr_hz": "p h / N0 (Hz)"}
 
 
-def plot_allocation(allocation: dict[str, list[float]], path: Path) -> Path:
+def plot_allocation(allocation: dict[str, list[float]], path: Path,
+                    title: str = "allocation per client") -> Path:
     """Each client's sampling probability ``q`` and sketch ratio ``rho`` against its resources."""
     plt = _pyplot()
     resources = [name for name in RESOURCES if name in allocation]
@@ -128,10 +175,10 @@ def plot_allocation(allocation: dict[str, list[float]], path: Path) -> Path:
         for col, resource in enumerate(resources):
             ax = axes[row, col]
             ax.scatter(allocation[resource], allocation[name], s=10, alpha=0.7)
-            ax.set_xscale("log")
+            log_x_axis(ax, allocation[resource])
             ax.set_xlabel(RESOURCES[resource])
             ax.set_ylabel(name)
-    fig.suptitle("allocation per client")
+    fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

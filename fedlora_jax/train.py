@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fedlora_jax import checkpoint, strategies, theory, wireless
+from fedlora_jax import checkpoint, rundir, strategies, theory, wireless
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics as metrics_lib
 from fedlora_jax.aggregation import AdapterSizes, Aggregator, adapter_sizes
@@ -28,7 +29,6 @@ from fedlora_jax.engine import FederatedEngine
 from fedlora_jax.lora import apply_lora
 from fedlora_jax.tasks import get_loss
 
-CHECKPOINT_DIR = "checkpoints"
 PARAM_BITS = 32.0  # bits per adapter parameter sent, up or down (fp32)
 
 
@@ -114,7 +114,8 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer, task: str):
         from fedlora_jax.data.loaders import load_classification
         from fedlora_jax.data.tokenize import tokenize_classification
         loaded = load_classification(data.source, text_columns=data.text_columns or None,
-                                     label_column=data.label_column)
+                                     label_column=data.label_column,
+                                     label_names=data.label_names or None)
         examples = tokenize_classification(loaded, tokenizer, data.max_length)
         labels = tuple(loaded.label_names)
     return _hold_out(cfg, examples, examples["labels"], labels)
@@ -268,15 +269,40 @@ def _round_row(r: int, state, result, elapsed_s: float) -> dict:
             "elapsed_s": elapsed_s}
 
 
-def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
-          resume: bool = False) -> list[dict]:
-    """Runs ``cfg``; writes ``config.json``, ``allocation.json``, ``metrics.jsonl`` and
-    ``checkpoints/`` to ``cfg.output_dir`` and returns the metrics rows.
+class Interrupted(Exception):
+    """The run stopped on SIGINT or SIGTERM at a round boundary, after saving that round."""
 
-    Checkpoints are saved every ``cfg.checkpoint_every`` rounds, after the last round, and on
-    Ctrl-C (then the ``KeyboardInterrupt`` propagates). ``resume=True`` restores the latest
-    checkpoint, truncates ``metrics.jsonl`` to its round and continues exactly as an uninterrupted
-    run would.
+    def __init__(self, signum: int, checkpoint_round: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after round {checkpoint_round}")
+        self.signum, self.checkpoint_round = signum, checkpoint_round
+
+
+class Diverged(ValueError):
+    """The training loss became non-finite or exceeded :data:`DIVERGED_FACTOR` times the
+    round-0 held-out loss."""
+
+
+# A round whose mean training loss is non-finite or above this many times the round-0 held-out
+# loss (at least 1) stops the run as diverged: a classifier starts near ln(classes), and a loss
+# 100 times that means the updates have blown up, not that training is slow.
+DIVERGED_FACTOR = 100.0
+
+
+def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
+          resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Runs ``cfg``; writes ``config.json``, ``config_history.jsonl``, ``labels.json``,
+    ``allocation.json``, ``metrics.jsonl`` and ``checkpoints/`` to ``cfg.output_dir`` and returns
+    the metrics rows.
+
+    The folder is checked (:mod:`fedlora_jax.rundir`: not held by another run; an existing run
+    there only with ``resume`` or ``overwrite``; a resume only with settings the run may change),
+    then the data and model are built, and only then is the folder locked and written.
+    Checkpoints are saved every ``cfg.checkpoint_every`` rounds and after the last round. SIGINT
+    or SIGTERM stops the run at the next round boundary, saves that round and raises
+    :class:`Interrupted` (a second SIGINT stops at once: ``KeyboardInterrupt``, saving the last
+    finished round). ``resume=True`` restores the newest checkpoint that verifies, truncates
+    ``metrics.jsonl`` to its round and continues exactly as an uninterrupted run would. A
+    diverging loss raises :class:`Diverged`, naming the last good checkpoint.
 
     Before each round the run's strategy (``cfg.strategy``) gives the clients' ``q`` and ``k``
     when it is due to plan; after it, the round's update norms refine the strategy's estimates
@@ -285,65 +311,172 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     cfg = strategies.configure(cfg)
     strategy = strategies.strategy_of(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+    rundir.check_free(out, resume=resume, overwrite=overwrite)
+    saved = config_lib.to_dict(cfg)
+    changed = rundir.check_resume(out, saved) if resume else {}
     setup = build(cfg)
     engine = setup.engine
     log(f"model: {setup.description}; clients: {engine.num_clients}; "
-        f"held-out examples: {len(setup.heldout['input_ids'])}; classes: {len(setup.label_names)}")
+        f"held-out examples: {len(setup.heldout['input_ids'])}")
+    log(f"classes: {_label_map(setup.label_names)}")
     metrics_path = out / metrics_lib.METRICS_FILE
     ctx = strategy_context(cfg, setup)
-    if not resume:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    with checkpoint.Checkpointer(out / CHECKPOINT_DIR) as checkpoints:
-        fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
-        if resume:
-            state, host, meta = checkpoints.restore(fresh[0], _host_tree(*fresh[1:]))
-            (est, plan), elapsed = _from_host_tree(host), meta["elapsed_s"]
-            history = metrics_lib.truncate(metrics_path, int(state.round))
-            log(f"resumed from the checkpoint of round {int(state.round)}")
-        else:
-            (state, est, plan), elapsed = fresh, 0.0
-            history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
-            metrics_path.write_text(json.dumps(history[0]) + "\n")
-        clock_start = time.perf_counter() - elapsed
-        rounds, every = cfg.federation.rounds, cfg.checkpoint_every
-        with open(metrics_path, "a") as f, progress_reporter(progress, rounds,
-                                                             int(state.round)) as report:
-            try:
-                for r in range(int(state.round) + 1, rounds + 1):
-                    if strategy.due(r):
-                        plan = strategy.plan(r, ctx, est)
-                    before = jax.device_get(state.trainable)
-                    new_state, result = engine.run_round(state, plan.q, plan.k)
-                    applied = strategies.tree_sq_norm(new_state.trainable, before)
-                    new_est = strategies.observe(est, ctx, plan, result.participants,
-                                                 result.update_sq_norms, applied,
-                                                 head_sq_norms=result.reports["head_sq_norm"])
-                    row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
-                    row.update(expected_participants=float(plan.q.sum()),
-                               mean_rank=float(plan.k.mean()), est_signal=new_est.signal,
-                               est_g2_mean=float(new_est.g2.mean()))
-                    if r % cfg.eval_every == 0 or r == rounds:
-                        row.update(evaluate(setup, new_state))
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    history.append(row)
-                    # the round is committed: state, estimates and next plan move together
-                    state, est, plan = new_state, new_est, strategy.revise(plan, result)
-                    report(row)
-                    if (every and r % every == 0) or r == rounds:
-                        checkpoints.save(state, _host_tree(est, plan), elapsed_s=row["elapsed_s"])
-            except KeyboardInterrupt:
-                if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
-                    checkpoints.save(state, _host_tree(est, plan),
-                                     elapsed_s=time.perf_counter() - clock_start)
-                log(f"interrupted: resume from the checkpoint of round "
-                    f"{checkpoints.latest_round()} with 'fedlora-jax run --resume --output-dir {out}'")
-                raise
-    (out / metrics_lib.ALLOCATION_FILE).write_text(json.dumps(allocation_record(setup, plan, cfg.system)))
+    with rundir.lock(out):
+        rundir.check_contents(out, resume=resume, overwrite=overwrite)  # as it is now, locked
+        if overwrite:
+            rundir.clear(out)
+        with checkpoint.Checkpointer(out / rundir.CHECKPOINT_DIR) as checkpoints:
+            state, est, plan, history, elapsed = _start(
+                setup, ctx, checkpoints, saved, changed, resume=resume, log=log)
+            rounds, every = cfg.federation.rounds, cfg.checkpoint_every
+            if int(state.round) == rounds:
+                log(f"the run is complete at round {rounds}: nothing to run (extend it with "
+                    "--rounds)")
+            bound = DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"])
+            clock_start = time.perf_counter() - elapsed
+
+            def save(state, est, plan) -> int:
+                return checkpoints.save(state, _host_tree(est, plan), config=saved,
+                                        elapsed_s=time.perf_counter() - clock_start)
+
+            with (open(metrics_path, "a") as f,
+                  progress_reporter(progress, rounds, int(state.round)) as report,
+                  _stop_requests(log) as stop):
+                try:
+                    for r in range(int(state.round) + 1, rounds + 1):
+                        if strategy.due(r):
+                            plan = _plan(strategy, r, ctx, est, log)
+                        before = jax.device_get(state.trainable)
+                        new_state, result = _run_round(engine, state, plan, r, bound, checkpoints)
+                        applied = strategies.tree_sq_norm(new_state.trainable, before)
+                        new_est = strategies.observe(est, ctx, plan, result.participants,
+                                                     result.update_sq_norms, applied,
+                                                     head_sq_norms=result.reports["head_sq_norm"])
+                        row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
+                        row.update(expected_participants=float(plan.q.sum()),
+                                   mean_rank=float(plan.k.mean()), est_signal=new_est.signal,
+                                   est_g2_mean=float(new_est.g2.mean()))
+                        if r % cfg.eval_every == 0 or r == rounds:
+                            row.update(evaluate(setup, new_state))
+                        f.write(json.dumps(row) + "\n")
+                        f.flush()
+                        history.append(row)
+                        # the round is committed: state, estimates and next plan move together
+                        state, est, plan = new_state, new_est, strategy.revise(plan, result)
+                        report(row)
+                        halt = stop[:1]  # a signal from here on stops after the next round
+                        if (every and r % every == 0) or r == rounds or halt:
+                            save(state, est, plan)
+                        if halt:
+                            raise Interrupted(halt[0], r)
+                except KeyboardInterrupt:
+                    if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
+                        save(state, est, plan)
+                    log(f"interrupted: resume from the checkpoint of round "
+                        f"{checkpoints.latest_round()} with 'fedlora-jax run --resume "
+                        f"--output-dir {out}'")
+                    raise
+        (out / metrics_lib.ALLOCATION_FILE).write_text(
+            json.dumps(allocation_record(setup, plan, cfg.system)))
     log(summary(history))
     return history
+
+
+def _start(setup: Setup, ctx: strategies.Context, checkpoints: checkpoint.Checkpointer,
+           config: dict, changed: dict, *, resume: bool, log):
+    """-> ``(state, estimates, plan, metrics rows, elapsed seconds)`` to run from: the newest
+    good checkpoint (``metrics.jsonl`` truncated to its round), or round 0, evaluated. Records
+    the config the run continues or starts with."""
+    engine, out = setup.engine, Path(config["output_dir"])
+    metrics_path = out / metrics_lib.METRICS_FILE
+    fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
+    if resume:
+        state, host, meta = checkpoints.restore_latest_good(fresh[0], _host_tree(*fresh[1:]),
+                                                            log=log)
+        est, plan = _from_host_tree(host)
+        history = metrics_lib.truncate(metrics_path, int(state.round))
+        rundir.record_config(out, config, int(state.round) + 1, changed)
+        log(f"resumed from the checkpoint of round {int(state.round)}"
+            + (f"; changed: {_listed(changed)}" if changed else ""))
+        return state, est, plan, history, meta["elapsed_s"]
+    rundir.record_config(out, config, 1, {})
+    (out / rundir.LABELS_FILE).write_text(json.dumps(list(setup.label_names)))
+    state, est, plan = fresh
+    history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
+    metrics_path.write_text(json.dumps(history[0]) + "\n")
+    return state, est, plan, history, 0.0
+
+
+def _run_round(engine: FederatedEngine, state, plan: strategies.Plan, r: int, bound: float,
+               checkpoints: checkpoint.Checkpointer):
+    """``engine.run_round`` (round ``r``), stopped with :class:`Diverged` when the clients'
+    updates or their mean training loss are not finite or the loss exceeds ``bound``."""
+    try:
+        new_state, result = engine.run_round(state, plan.q, plan.k)
+    except FloatingPointError as e:
+        raise _diverged(r, str(e), checkpoints) from None
+    if result.participants.size and not result.train_loss <= bound:
+        raise _diverged(r, f"train loss {result.train_loss:.4g} (bound {bound:.4g})", checkpoints)
+    return new_state, result
+
+
+def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
+          est: strategies.Estimates, log) -> strategies.Plan:
+    """The strategy's plan for round ``r``; a re-plan after round 1 (a solve, for ``adaptive``)
+    is announced and summarized, as it may take seconds."""
+    if r == 1:
+        return strategy.plan(r, ctx, est)
+    log(f"round {r}: {strategy.name} is planning every client's q and rank...")
+    start = time.perf_counter()
+    plan = strategy.plan(r, ctx, est)
+    log(f"round {r}: planned in {time.perf_counter() - start:.1f} s: {plan.q.sum():.1f} expected "
+        f"participants, mean rank {plan.k.mean():.2f} of {ctx.rank}")
+    return plan
+
+
+def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer) -> Diverged:
+    last = checkpoints.latest_round()
+    where = (f"The last good checkpoint is round {last} in {checkpoints.directory}: resume "
+             f"from it with --resume and a lower --set client_optimizer.learning_rate=..."
+             if last is not None else "No checkpoint was saved yet: start again with "
+             "--overwrite and a lower --set client_optimizer.learning_rate=...")
+    return Diverged(f"Training diverged in round {round}: {what}. {where} (or set "
+                    "client_optimizer.clip_norm).")
+
+
+@contextlib.contextmanager
+def _stop_requests(log):
+    """Yields a list that receives the signal number of a SIGINT or SIGTERM: the loop finishes
+    its round, saves and stops. A second SIGINT interrupts at once (``KeyboardInterrupt``).
+    Outside the main thread (where handlers cannot be set) the list stays empty."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        del frame
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log(f"{signal.Signals(signum).name} received: stopping after this round and saving it "
+            "(Ctrl-C again stops at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _label_map(names: tuple[str, ...], limit: int = 12) -> str:
+    shown = ", ".join(f"{i}={name}" for i, name in enumerate(names[:limit]))
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _listed(changed: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
 def evaluate(setup: Setup, state) -> dict[str, float]:

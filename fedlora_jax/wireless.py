@@ -223,20 +223,55 @@ _TRACE_ALIASES = {"flops_per_s": ("flops_per_s", "compute_speed"),
 
 
 def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"trace file {path} is not UTF-8 text (byte {e.start}): save it as "
+                         "UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"trace file {path} is empty: give one row per client with a "
+                         "flops_per_s column")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"trace file {path}, line {e.lineno}, column {e.colno}: invalid "
+                             f"JSON ({e.msg}); fix the syntax there") from None
         if isinstance(data, list):  # a list of per-client records
             data = {k: [row.get(k, float("nan")) for row in data] for k in data[0]} if data else {}
         elif isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
             rows = list(data.values())  # FedScale-style {client_id: {...}}
             data = {k: [row.get(k, float("nan")) for row in rows] for k in rows[0]} if rows else {}
+        first_row = 1  # rows count from 1 (the first client)
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(text.splitlines()))
         data = {k: [row[k] if row[k] not in ("", None) else "nan" for row in rows] for k in rows[0]} if rows else {}
+        first_row = 2  # a row's line in the file: line 1 is the header
     else:
         raise ValueError(f"trace file {path} has suffix {path.suffix!r}: use .csv or .json")
-    return {k: np.asarray(v, dtype=np.float64) for k, v in data.items() if k is not None}
+    if not data:
+        raise ValueError(f"trace file {path} holds no clients: give one row per client with a "
+                         "flops_per_s column")
+    return {k: _numbers(v, path, k, first_row) for k, v in data.items() if k is not None}
+
+
+def _numbers(values: list, path: Path, column: str, first_row: int) -> np.ndarray:
+    """One trace column as floats; a cell that is no number is named by column and row."""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        row, value = next((i, v) for i, v in enumerate(values) if not _is_number(v))
+        where = "line" if first_row == 2 else "client"
+        raise ValueError(f"trace file {path}, column {column!r}, {where} {row + first_row}: "
+                         f"{value!r} is not a number; fix that cell") from None
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_trace(path: str | Path, num_clients: int | None = None, *, noise_dbm_per_hz: float = -174.0,

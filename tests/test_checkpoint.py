@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from fedlora_jax import metrics
-from fedlora_jax.checkpoint import Checkpointer
+from fedlora_jax.checkpoint import HASHES, CheckpointError, Checkpointer
 from fedlora_jax.config import load_config
 from fedlora_jax.engine import FederatedEngine
 from fedlora_jax.train import train
@@ -107,3 +114,114 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="without --resume"):
         with Checkpointer(tmp_path / "none") as saved:
             saved.restore(template=None, host_template=None)
+
+
+@pytest.fixture(scope="module")
+def saved_every_k(tmp_path_factory):
+    """A finished 2K-round run with checkpoints at rounds K and 2K, copied by each corruption."""
+    out = tmp_path_factory.mktemp("every_k")
+    _quiet(_cfg(out, checkpoint_every=K))
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_bits(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data), max(1, len(data) // 7)):
+        data[i] ^= 0b1010_0101
+    path.write_bytes(bytes(data))
+
+
+def _largest_data_file(state_dir):
+    """The largest file of the OCDBT store that orbax reads (``d/``; per-process folders are
+    merged into it when the save completes)."""
+    return max((state_dir / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def _unlisted(damage):
+    """``damage`` to a checkpoint without its hash list (a save killed before writing it): orbax's
+    own failure to read it is the evidence."""
+    def damage_unlisted(ck):
+        (ck / HASHES).unlink()
+        damage(ck)
+    return damage_unlisted
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ck: _truncate(ck / "state" / "_METADATA"),
+    lambda ck: _truncate(ck / "state" / "manifest.ocdbt"),
+    lambda ck: _flip_bits(_largest_data_file(ck / "state")),
+    lambda ck: _truncate(ck / "meta" / "metadata"),
+    _unlisted(lambda ck: _truncate(ck / "state" / "_METADATA")),
+    _unlisted(lambda ck: _truncate(ck / "state" / "manifest.ocdbt")),
+], ids=["truncated-metadata", "truncated-manifest", "flipped-bits", "truncated-meta",
+        "unlisted-truncated-metadata", "unlisted-truncated-manifest"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, saved_every_k, tmp_path,
+                                                              uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(saved_every_k, run)
+    damage(run / "checkpoints" / str(2 * K))
+    lines = []
+    train(_cfg(run, checkpoint_every=K), progress="none", log=lines.append, resume=True)
+    said = "\n".join(lines)
+    assert f"checkpoint of round {2 * K} is damaged (" in said, said
+    assert f"resumed from the checkpoint of round {K}" in said
+    assert [p.name.split("-")[1] for p in (run / "checkpoints").glob("damaged-*")] == [str(2 * K)]
+    _assert_same_run(run, uninterrupted)
+
+
+def test_no_checkpoint_that_verifies_is_one_clear_error(saved_every_k, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved_every_k, run)
+    for step in (K, 2 * K):
+        _flip_bits(_largest_data_file(run / "checkpoints" / str(step) / "state"))
+    with pytest.raises(CheckpointError, match="No checkpoint in .* restores .*round 2"):
+        _quiet(_cfg(run, checkpoint_every=K), resume=True)
+
+
+SIGNAL_ROUNDS = 8  # the resumed run's length; the signal comes after round 1 of a 200-round run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight8")
+    return out, _quiet(_cfg(out, **{"federation.rounds": SIGNAL_ROUNDS}))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_run_saves_the_round_then_resume_is_exact(signum, code, tmp_path,
+                                                              uninterrupted_8):
+    """A scheduler's SIGTERM or a Ctrl-C during round 2 of a CLI run: the round finishes, is
+    saved, an ``interrupted`` event is printed and the process exits 128 + signal; resuming (to
+    fewer rounds than first asked: an allowed change) equals an uninterrupted run."""
+    cfg = _cfg(tmp_path, **{"federation.rounds": 200})
+    args = [f"--set={k}={v}" for k, v in (("strategy", "adaptive"), ("data.num_clients", 8),
+                                          ("eval_every", K), ("checkpoint_every", 0))]
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora_jax.cli", "run", "--preset", "tiny",
+                             "--rounds", "200", "--output-dir", str(tmp_path), "--jsonl", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if json.loads(line).get("round") == 1:
+            proc.send_signal(signum)
+            break
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    event = json.loads(rest.splitlines()[-1])
+    assert event["event"] == "interrupted" and event["signal"] == signum.name, rest
+    stopped = event["checkpoint_round"]
+    assert 1 <= stopped < SIGNAL_ROUNDS, f"stopped at round {stopped}: the signal came too late"
+    with Checkpointer(tmp_path / "checkpoints") as saved:
+        assert saved.latest_round() == stopped
+    assert metrics.read_rows(tmp_path)[-1]["round"] == stopped
+
+    resumed = dataclasses.replace(cfg, federation=dataclasses.replace(
+        cfg.federation, rounds=SIGNAL_ROUNDS))
+    _quiet(resumed, resume=True)
+    ref_dir, ref_rows = uninterrupted_8
+    assert _without_host_time(metrics.read_rows(tmp_path)) == _without_host_time(ref_rows)
+    for a, b in zip(_saved_arrays(tmp_path, SIGNAL_ROUNDS), _saved_arrays(ref_dir, SIGNAL_ROUNDS),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)

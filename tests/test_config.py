@@ -126,3 +126,43 @@ def test_strategy_options_set_a_strategys_parameters_and_typos_name_the_closest(
         load_config(None, ["strategy=hetlora", "strategy_options.ratios=[2.0]"])
     with pytest.raises(ValueError, match="strategy_options must be a table"):
         load_config(None, ["strategy_options=3"])
+
+
+def test_a_data_file_is_stored_absolute_and_split_iid_unless_told(tmp_path, monkeypatch):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\t0\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["data.source=train.tsv"])
+    assert cfg.data.source == str(tmp_path / "train.tsv")  # resumable from another directory
+    assert cfg.data.partition == "iid"  # the file names no owners: no partition setting needed
+    assert load_config(overrides=["data.source=train.tsv",
+                                  "data.partition=dirichlet"]).data.partition == "dirichlet"
+
+
+def test_participants_above_clients_is_refused_not_clamped():
+    with pytest.raises(ValueError, match="participants=12 exceeds data.num_clients=8"):
+        load_config(overrides=["data.num_clients=8", "federation.participants=12"])
+
+
+def test_a_presets_own_settings_never_contradict_a_strategy():
+    """Contradictions are changes from the preset (or a resumed run's config), not from the
+    defaults: tiny's 4 participants suit 'full', which refuses only a participants setting."""
+    cfg = load_config(preset="tiny", overrides=["strategy=full"])
+    assert cfg.federation.sampling == "full"
+    resumed = load_config(base=cfg, overrides=["federation.rounds=20"])
+    assert resumed.federation.rounds == 20 and resumed.strategy == "full"
+    with pytest.raises(ValueError, match="participants=2.0 contradicts strategy 'full'"):
+        load_config(base=cfg, overrides=["federation.participants=2"])
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.yaml", "federation:\n  rounds: 3\n sketch_ratio: 2\n", "bad.yaml, line 3, column 2"),
+    ("bad.toml", "[federation]\nrounds = \n", "bad.toml: invalid TOML"),
+    ("bad.json", '{"federation": {"rounds": 3,}}', "bad.json, line 1, column 29"),
+    ("list.yaml", "- 1\n- 2\n", "must hold a table of settings"),
+])
+def test_a_malformed_config_file_names_file_and_line(tmp_path, name, text, where):
+    file = tmp_path / name
+    file.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_config(str(file))
+    assert where in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)

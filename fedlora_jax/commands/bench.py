@@ -22,12 +22,20 @@ passes --json DIR/NAME.json. The scripts ship with the repository (not with a wh
 
 
 def available() -> dict[str, str]:
-    """Benchmark name -> first line of its docstring (read without importing it)."""
+    """Benchmark name -> first line of its docstring (read without importing it). A benchmark is
+    a script (it has an ``if __name__ == "__main__":`` block); helper modules are not listed."""
     if not BENCHMARKS.is_dir():
         raise FileNotFoundError(f"No benchmarks/ directory at {BENCHMARKS}: the benchmark "
                                 "scripts ship with the repository checkout.")
-    return {path.stem: (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n")[0]
-            for path in sorted(BENCHMARKS.glob("*.py")) if not path.name.startswith("_")}
+    modules = {path.stem: ast.parse(path.read_text()) for path in sorted(BENCHMARKS.glob("*.py"))}
+    return {name: (ast.get_docstring(tree) or "").split("\n")[0]
+            for name, tree in modules.items() if _is_script(tree)}
+
+
+def _is_script(tree: ast.Module) -> bool:
+    """Whether the module runs something as ``__main__``."""
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+               for node in tree.body)
 
 
 def register(subparsers) -> None:

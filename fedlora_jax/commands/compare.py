@@ -164,7 +164,7 @@ def run_all(base_overrides: list[str], names: list[str], seeds: list[int], out: 
         for (name, seed), cfg in cfgs.items():
             rows = finished_run(cfg)
             log(f"compare: {name}, seed {seed}" + (" (finished before: reused)" if rows else ""))
-            rows = rows or train(cfg, progress="none", log=lambda *_: None)
+            rows = rows or train(cfg, progress="none", log=lambda *_: None, overwrite=True)
             runs[name][seed] = rows
             f.writelines(json.dumps({"strategy": name, "seed": seed, **row}) + "\n" for row in rows)
     return runs

@@ -29,9 +29,14 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fedlora_jax.metrics import plot_run
+    from fedlora_jax.metrics import plot_run, read_rows
 
     for run_dir in args.run_dirs:
+        first = next(iter(read_rows(run_dir)), {})
+        if "strategy" in first:  # compare's table of every run
+            raise ValueError(f"{run_dir} is a 'fedlora-jax compare' folder, whose figures compare "
+                             "writes; plot one of its runs, e.g. 'fedlora-jax plot "
+                             f"{run_dir / first['strategy'] / ('seed' + str(first['seed']))}'.")
         out = args.out if args.out is None or len(args.run_dirs) == 1 else args.out / run_dir.name
         written = plot_run(run_dir, out)
         print(f"{run_dir}: wrote {', '.join(str(p) for p in written)}")

@@ -21,12 +21,16 @@ EXAMPLE = textwrap.dedent("""\
       fedlora-jax run --strategy adaptive --set strategy_options.pilot_rounds=3
       fedlora-jax run --strategy hetlora --set strategy_options.ratios=[0.25,0.5,1.0]
 
-    Every option of the config (printed at start, saved as OUTPUT_DIR/config.json) can be set
-    with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
+    Every option of the config (saved as OUTPUT_DIR/config.json; --print-config shows it) can be
+    set with --set section.key=value; a TOML/YAML/JSON file given with --config sets many at once.
     Layers apply in order: defaults, --preset, --config, then the options and --set.
-    Checkpoints go to OUTPUT_DIR/checkpoints every checkpoint_every rounds, at the end and on
-    Ctrl-C; --resume reads OUTPUT_DIR/config.json (options and --set still apply) and continues
-    from the latest checkpoint exactly as an uninterrupted run. At the end, the figures and
+    An output folder belongs to one run: a second run there is refused while the first runs, and
+    a folder holding a run needs --resume (continue) or --overwrite (replace). Checkpoints go to
+    OUTPUT_DIR/checkpoints every checkpoint_every rounds and at the end; Ctrl-C or SIGTERM finishes
+    the round, saves it and exits (130 / 143). --resume reads OUTPUT_DIR/config.json and
+    continues from the newest checkpoint that verifies, exactly as an uninterrupted run; it may
+    change only --rounds (to extend), learning rates, eval_every, checkpoint_every and chunking,
+    and records each change in OUTPUT_DIR/config_history.jsonl. At the end, the figures and
     metrics.csv are written beside metrics.jsonl ('fedlora-jax plot OUTPUT_DIR' rebuilds them).""")
 
 
@@ -63,13 +67,21 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", help=_strategy_help())
     p.add_argument("--output-dir", help="where config, metrics, checkpoints and figures go "
                                         "(default runs/latest)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUTPUT_DIR from its latest checkpoint")
+    folder = p.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT_DIR from its newest good checkpoint; only "
+                        "--rounds, learning rates, eval_every, checkpoint_every and chunking "
+                        "may change")
+    folder.add_argument("--overwrite", action="store_true",
+                   help="replace the run in OUTPUT_DIR (without it, a folder holding a run is "
+                        "refused)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the full config as JSON and exit")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quiet", action="store_true", help="no progress bar, no config print")
+    mode.add_argument("--quiet", action="store_true", help="no progress bar, no header")
     mode.add_argument("--jsonl", action="store_true",
-                      help="JSON lines on stdout (config, one per round, done) for scripts; "
-                           "messages go to stderr")
+                      help="JSON lines on stdout (config, one per round, then done or "
+                           "interrupted) for scripts; messages go to stderr")
     p.set_defaults(func=main)
 
 
@@ -82,36 +94,73 @@ def overrides_from_args(args) -> list[str]:
 
 
 def load_run_config(args):
-    """The run's config; with ``--resume``, the saved ``OUTPUT_DIR/config.json`` is the base."""
-    from fedlora_jax.config import RunConfig, load_config
+    """The run's config; with ``--resume``, the saved ``OUTPUT_DIR/config.json`` is the base
+    (options and ``--set`` change it, as far as :func:`fedlora_jax.rundir.check_resume` allows)."""
+    from fedlora_jax.config import RunConfig, from_dict, load_config
+    from fedlora_jax.rundir import saved_config
 
     if not args.resume:
         return load_config(args.config, overrides_from_args(args), preset=args.preset)
     if args.preset or args.config:
         raise ValueError("--resume continues the saved config: give options or --set, not "
                          "--preset or --config.")
-    saved = Path(args.output_dir or RunConfig().output_dir) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"Nothing to resume: {saved} does not exist.")
-    return load_config(str(saved), overrides_from_args(args))
+    saved = saved_config(Path(args.output_dir or RunConfig().output_dir))
+    return load_config(overrides=overrides_from_args(args), base=from_dict(RunConfig, saved))
+
+
+def header(cfg, args) -> str:
+    """Two lines for the start of a run: what runs, and the settings that differ from the preset
+    (from the resumed run's config with ``--resume``); the whole config is in config.json."""
+    from fedlora_jax.config import baseline, differences, to_dict
+    from fedlora_jax.rundir import saved_config
+
+    if args.resume:
+        base, name = saved_config(Path(cfg.output_dir)), f"resuming {cfg.output_dir}"
+    else:
+        base, name = baseline(preset=args.preset), f"preset {args.preset or 'default'}"
+    changed = {k: new for k, (_, new) in differences(base, to_dict(cfg)).items()
+               if k != "output_dir"}
+    f, d = cfg.federation, cfg.data
+    lines = [f"{name}: model {cfg.model.source}, data {d.source}, {d.num_clients} clients "
+             f"({f.participants:g} per round), strategy {cfg.strategy}, {f.rounds} rounds -> "
+             f"{cfg.output_dir}"]
+    if changed:
+        lines.append("  changed: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return "\n".join(lines)
 
 
 def main(args) -> int:
+    import signal
+
+    from tqdm.auto import tqdm
+
     from fedlora_jax.config import to_dict
     from fedlora_jax.metrics import plot_run
-    from fedlora_jax.train import train
+    from fedlora_jax.train import Interrupted, train
 
     cfg = load_run_config(args)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
     progress = "jsonl" if args.jsonl else "none" if args.quiet else "bar"
-    log = (lambda line: print(line, file=sys.stderr)) if args.jsonl else print
+    log = ((lambda line: print(line, file=sys.stderr, flush=True)) if args.jsonl else
+           print if args.quiet else tqdm.write)  # tqdm.write keeps the progress bar whole
     if args.jsonl:
         print(json.dumps({"event": "config", "config": to_dict(cfg)}), flush=True)
     elif not args.quiet:
-        print(json.dumps(to_dict(cfg), indent=1))
+        print(header(cfg, args), flush=True)
     try:
-        train(cfg, progress=progress, log=log, resume=args.resume)
-    except KeyboardInterrupt:
-        return 130
+        train(cfg, progress=progress, log=log, resume=args.resume, overwrite=args.overwrite)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if args.jsonl:
+            print(json.dumps({"event": "interrupted", "signal": signal.Signals(signum).name,
+                              "checkpoint_round": getattr(e, "checkpoint_round", None),
+                              "output_dir": cfg.output_dir}), flush=True)
+        if isinstance(e, Interrupted):
+            log(f"{e}, saved: continue with 'fedlora-jax run --resume --output-dir "
+                f"{cfg.output_dir}'")
+        return 128 + signum
     figures = plot_run(cfg.output_dir)
     if args.jsonl:
         print(json.dumps({"event": "done", "output_dir": cfg.output_dir,

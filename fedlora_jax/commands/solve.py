@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import solver, wireless
+from fedlora_jax.metrics import plot_allocation
 
 EPILOG = """example:
   fedlora-jax solve --clients 100 --seed 0 --rank 8 --bandwidth-mhz 10 --out runs/solve
@@ -70,31 +71,14 @@ def run(args: argparse.Namespace) -> int:
               "q": np.asarray(result.q).tolist(), "rho": np.asarray(result.rho).tolist(),
               "k": np.asarray(result.k).tolist()}
     (args.out / "allocation.json").write_text(json.dumps(record, indent=1))
-    _plot(profile, sys_cfg, result, args.out / "allocation.png")
+    snr = profile.power_w * profile.gain / sys_cfg.noise_w_per_hz
+    plot_allocation({"q": record["q"], "rho": record["rho"],
+                     "flops_per_s": np.asarray(profile.flops_per_s).tolist(),
+                     "snr_hz": np.asarray(snr).tolist()},
+                    args.out / "allocation.png", title="adaptive allocation per client")
 
     print(f"{'strategy':<12} {'E[T] (s)':>10} {'rounds':>10} {'total (s)':>12}")
     for name, s in summary.items():
         print(f"{name:<12} {s['expected_round_time']:>10.3f} {s['predicted_rounds']:>10.1f} {s['objective']:>12.1f}")
     print(f"wrote {args.out / 'allocation.json'} and {args.out / 'allocation.png'}")
     return 0
-
-
-def _plot(profile: wireless.SystemProfile, sys_cfg: wireless.SystemConfig, result: solver.SolveResult,
-          path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    speed = np.asarray(profile.flops_per_s)
-    snr = np.asarray(profile.power_w * profile.gain / sys_cfg.noise_w_per_hz)
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7), constrained_layout=True)
-    for row, (name, y) in enumerate((("q", result.q), ("rho", result.rho))):
-        for col, (xname, x) in enumerate((("compute speed (FLOP/s)", speed), ("p h / N0 (Hz)", snr))):
-            ax = axes[row, col]
-            ax.scatter(x, np.asarray(y), s=8, alpha=0.7)
-            ax.set_xscale("log")
-            ax.set_xlabel(xname)
-            ax.set_ylabel(name)
-    fig.suptitle("Adaptive allocation per client")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

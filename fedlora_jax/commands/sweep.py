@@ -139,7 +139,7 @@ def run_point(point: dict, cfg) -> dict:
     result = Path(cfg.output_dir) / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
-    history = train(cfg, progress="none", log=lambda *_: None)
+    history = train(cfg, progress="none", log=lambda *_: None, overwrite=True)
     rounds = [h for h in history if "participants" in h]
     last = history[-1]
     row = {**point, "point": point_name(point), "seed": cfg.federation.seed, "rounds": len(rounds),
@@ -165,7 +165,7 @@ def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
 def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
     """Final accuracy and simulated wall-clock against the first grid key, one line per setting of
     the other keys."""
-    from fedlora_jax.metrics import _pyplot
+    from fedlora_jax.metrics import _pyplot, log_x_axis
 
     plt = _pyplot()
     x_key, others = keys[0], keys[1:]
@@ -181,7 +181,8 @@ def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
         ax.set_xlabel(x_key)
         ax.set_ylabel(y)
         if x_key in LOG_AXES:
-            ax.set_xscale("log")
+            points = [r[x_key] for r in rows]
+            log_x_axis(ax, points, ticks=points)
         if others:
             ax.legend(fontsize=7)
     fig.tight_layout()

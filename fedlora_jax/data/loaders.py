@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -130,7 +131,18 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def _label_ids(values: list, label_names: Sequence[str] | None, source: str,
                column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    empty = next((row for row, v in enumerate(values) if str(v).strip() == ""), None)
+    if empty is not None:
+        raise ValueError(f"{source!r}: record {empty} has an empty label in column {column!r}; "
+                         "remove unlabeled examples (or label them).")
     if label_names is None:
+        kinds = {_as_int(v) is not None for v in values}
+        if len(kinds) == 2:
+            text = next(v for v in values if _as_int(v) is None)
+            number = next(v for v in values if _as_int(v) is not None)
+            raise ValueError(f"{source!r}: label column {column!r} mixes text and integer labels "
+                             f"({text!r} and {number!r}); map them explicitly with "
+                             "--set data.label_names=[name0,name1,...] (an integer is an index).")
         if all(_as_int(v) is not None for v in values):
             ids = np.array([_as_int(v) for v in values], np.int64)
             if ids.min() < 0:
@@ -175,11 +187,22 @@ def _field(records: list[Record], name: str, source: str, columns: list[str]) ->
     return [r[name] for r in records]
 
 
+def _text(path: str) -> io.StringIO:
+    """The file's text; a file that is not UTF-8 names the line at fault."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return io.StringIO(data.decode("utf-8"), newline="")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path!r}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                         "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
 def _read_delimited(path: str, delimiter: str, column_names: Sequence[str] | None) -> list[Record]:
     # GLUE TSVs hold unbalanced quotes inside sentences, so TSV fields are never quoted.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
+    rows = list(csv.reader(_text(path), delimiter=delimiter, quoting=quoting))
     rows = [r for r in rows if r]
     if not column_names:
         column_names, rows = (rows[0], rows[1:]) if rows else ([], [])
@@ -191,8 +214,11 @@ def _read_delimited(path: str, delimiter: str, column_names: Sequence[str] | Non
 
 
 def _read_json(path: str) -> list[Record]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        data = json.loads(_text(path).getvalue())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); "
+                         "fix the syntax there.") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path!r} must hold a JSON list of objects (one per example).")
     return data
@@ -200,13 +226,16 @@ def _read_json(path: str) -> list[Record]:
 
 def _read_jsonl(path: str) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
+    for line_no, line in enumerate(_text(path), 1):
+        if line.strip():
+            try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path!r}: line {line_no} is not a JSON object.")
-                records.append(record)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path!r}, line {line_no}, column {e.colno}: invalid JSON "
+                                 f"({e.msg}); each line must be one JSON object.") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path!r}: line {line_no} is not a JSON object.")
+            records.append(record)
     return records
 
 

@@ -94,12 +94,15 @@ def _replace(cfg, path: str, value):
                                        if rest else value})
 
 
-def contradictions(strategy: Strategy, cfg) -> list[str]:
-    """Why ``cfg`` contradicts ``strategy``: settings changed from their default to another value
-    than the strategy's."""
+def contradictions(strategy: Strategy, cfg, baseline: dict | None = None) -> list[str]:
+    """Why ``cfg`` contradicts ``strategy``: settings changed from their ``baseline`` value (the
+    settings before the user's own layers, e.g. defaults plus a preset, or a resumed run's saved
+    config, as nested dicts; default: the dataclass defaults) to another value than the
+    strategy's."""
     reasons = []
     for path, (value, why) in strategy.settings().items():
-        current, default = _get(cfg, path), _default(type(cfg), path)
+        current = _get(cfg, path)
+        default = _default(type(cfg), path) if baseline is None else _lookup(baseline, path)
         if current != default and (value is None or current != value):
             wanted = "leave it unset" if value is None else f"it uses {value!r}"
             reasons.append(f"{path}={current!r} contradicts strategy {strategy.name!r}: {why} "
@@ -107,12 +110,16 @@ def contradictions(strategy: Strategy, cfg) -> list[str]:
     return reasons
 
 
+def _lookup(values: dict, path: str):
+    for part in path.split("."):
+        values = values[part]
+    return values
+
+
 def configure(cfg, strategy: Strategy | None = None):
-    """``cfg`` with its strategy's pinned settings applied; ValueError on a contradiction."""
+    """``cfg`` with its strategy's pinned settings applied (contradictions are refused when the
+    config is loaded: :func:`fedlora_jax.config.load_config`)."""
     strategy = strategy or strategy_of(cfg)
-    reasons = contradictions(strategy, cfg)
-    if reasons:
-        raise ValueError(" ".join(reasons))
     for path, (value, _) in strategy.settings().items():
         if value is not None:
             cfg = _replace(cfg, path, value)

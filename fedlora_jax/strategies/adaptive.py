@@ -60,6 +60,9 @@ class Adaptive(Strategy):
                              f"got {self.bandwidth!r}.")
         if self.pilot_rounds < 0 or self.resolve_every < 1:
             raise ValueError(f"{self.name}: need pilot_rounds >= 0 and resolve_every >= 1.")
+        if not 0 < self.q_min < 1:
+            raise ValueError(f"strategy_options.q_min must be in (0, 1) (the smallest sampling "
+                             f"probability {self.name} may give), got {self.q_min!r}.")
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         sketch = ((1.0, f"{self.name} does not sketch (sampling only)") if self.sampling_only else

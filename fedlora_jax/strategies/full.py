@@ -18,7 +18,8 @@ class Full(Strategy):
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         return {**super().settings(),
-                "federation.sketch_ratio": (1.0, "full participation trains the full rank")}
+                "federation.sketch_ratio": (1.0, "full participation trains the full rank"),
+                "federation.participants": (None, "every client takes part in every round")}
 
     def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
         del round, est
