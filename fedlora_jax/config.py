@@ -46,7 +46,9 @@ class DataConfig:
     """``source``: ``builtin`` (Python's documentation, 7 chapters), ``synthetic`` or a local file
     (TSV/CSV/JSON/JSONL classification data). ``partition``: ``natural`` (by topic, builtin only),
     ``dirichlet`` (over labels, with ``alpha``) or ``iid``. ``synthetic_per_client``: examples
-    per client of the synthetic data (before the held-out split)."""
+    per client of the synthetic data (before the held-out split). ``validation_fraction``: the
+    share of the held-out examples set apart (seeded) as a validation split, for tuning; the rest is
+    the test split. ``evaluate_on``: the split a run scores, ``test`` or ``validation``."""
 
     source: str = "builtin"
     num_clients: int = 50
@@ -57,6 +59,8 @@ class DataConfig:
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
     synthetic_per_client: int = 50
+    validation_fraction: float = 0.0
+    evaluate_on: str = "test"
 
     def __post_init__(self):
         if self.partition not in ("natural", "dirichlet", "iid"):
@@ -69,6 +73,15 @@ class DataConfig:
             raise ValueError(f"data.num_clients must be a positive integer, got {self.num_clients!r}.")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got "
+                             f"{self.validation_fraction!r}.")
+        if self.evaluate_on not in ("test", "validation"):
+            raise ValueError(f"data.evaluate_on must be 'test' or 'validation', "
+                             f"got {self.evaluate_on!r}.")
+        if self.evaluate_on == "validation" and not self.validation_fraction:
+            raise ValueError("data.evaluate_on='validation' needs a validation split: set "
+                             "data.validation_fraction in (0, 1).")
         if not self.alpha > 0:
             raise ValueError(f"data.alpha must be > 0, got {self.alpha!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
