@@ -383,7 +383,8 @@ def main(args) -> int:
     write_table(tuning, out, "tuning", [f"Validation score: mean validation accuracy over the "
                                         f"first {tune_budget:.4g} simulated seconds."])
 
-    keys = [(name, chosen[name], seed) for name in protocol.names for seed in protocol.seeds]
+    # seed by seed, so an interrupted comparison leaves whole seeds to report (--seeds 0-K)
+    keys = [(name, chosen[name], seed) for seed in protocol.seeds for name in protocol.names]
     done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl")
     runs: Runs = {name: {} for name in protocol.names}
     for (name, _, seed), rows in done.items():
