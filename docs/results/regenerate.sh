@@ -29,8 +29,9 @@ experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/res
 SELECTED=("$@")
 want() { [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]; }
 if want tiny_adamw; then
-  experiment tiny_adamw "${TINY[@]}" --lr-grid 1e-3,3e-3,1e-2,3e-2
+  experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
 fi
 if want tiny_sgd; then
-  experiment tiny_sgd "${TINY[@]}" --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
+  experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,fslora,hetlora \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi

@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,7 +71,8 @@ class Setting(NamedTuple):
 
     @property
     def folder(self) -> str:
-        return f"lr{self.client_lr:g}" + ("" if self.server_lr is None else f"_slr{self.server_lr:g}")
+        server = "" if self.server_lr is None else f"_slr{self.server_lr:g}"
+        return f"lr{self.client_lr:g}{server}"
 
 
 def register(subparsers) -> None:
@@ -103,7 +105,8 @@ def register(subparsers) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.5,
                    help="share of the held-out data used for validation (default 0.5)")
     p.add_argument("--budget", type=float,
-                   help="simulated wall-clock budget in seconds (default: each stage's shortest run)")
+                   help="simulated wall-clock budget in seconds "
+                        "(default: each stage's shortest run)")
     p.add_argument("--target", type=float, help="target test accuracy (default: 90%% of the best "
                                                 "validation accuracy of the tuning stage)")
     p.add_argument("--show-seeds", action="store_true", help="also draw each seed's curve")
@@ -184,7 +187,7 @@ def summarize(runs: Runs, settings: dict[str, Setting], target: float, budget: f
         row.update({f"accuracy_at_{f * budget:.3g}s": str(stats.mean_ci(
             [accuracy_at(by_seed[s], f * budget) for s in seeds])) for f in BUDGET_FRACTIONS})
         row.update(participants=f"{np.mean([r['participants'] for r in rounds]):.3g}",
-                   mean_rank=f"{np.mean([r.get('mean_rank', np.nan) for r in rounds]):.3g}",
+                   mean_rank=f"{np.mean([r['mean_rank'] for r in rounds]):.3g}",
                    round_s=f"{np.mean([r['round_total_s'] for r in rounds]):.3g}")
         table.append(row)
     return table
@@ -241,7 +244,8 @@ def curve_figure(runs: Runs, x_key: str, grid: np.ndarray, target: float, *,
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, by_seed) in enumerate(runs.items()):
         color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
-        values = np.stack([stats.step_value(*curve(rows, x_key), grid) for rows in by_seed.values()])
+        values = np.stack([stats.step_value(*curve(rows, x_key), grid)
+                           for rows in by_seed.values()])
         band = stats.mean_ci(values, resamples=999)
         ax.plot(grid, band.mean, color=color, ls=style, label=f"{name} ({len(values)} seeds)")
         ax.fill_between(grid, band.low, band.high, color=color, alpha=0.2, lw=0)
@@ -263,9 +267,10 @@ def plot(runs: Runs, target: float, budget: float, out: Path, *, show_seeds: boo
 
     rounds = np.unique(np.concatenate([curve(rows, "round")[0] for by_seed in runs.values()
                                        for rows in by_seed.values()]))
+    axes = (("sim_clock_s", np.linspace(0.0, budget, 201), "accuracy_vs_clock.png"),
+            ("round", rounds, "accuracy_vs_round.png"))
     paths = []
-    for x_key, grid, file in (("sim_clock_s", np.linspace(0.0, budget, 201), "accuracy_vs_clock.png"),
-                              ("round", rounds, "accuracy_vs_round.png")):
+    for x_key, grid, file in axes:
         fig = curve_figure(runs, x_key, grid, target, show_seeds=show_seeds)
         fig.savefig(out / file, dpi=120)
         plt.close(fig)
@@ -315,7 +320,7 @@ class Protocol(NamedTuple):
     seeds: list[int]
     tune_seeds: list[int]
     grids: dict[str, list[Setting]]  # strategy -> its tuning grid
-    config: object  # (name, setting, seed, split) -> RunConfig
+    config: Callable[[str, Setting, int, str], object]  # (name, setting, seed, split) -> RunConfig
 
 
 def plan_protocol(args) -> Protocol:
@@ -326,7 +331,8 @@ def plan_protocol(args) -> Protocol:
     names = _parse_list(args.strategies, str, "strategies")
     for name in names:
         strategies.get_strategy(name)
-    seeds, tune_seeds = _parse_seeds(args.seeds, "seeds"), _parse_seeds(args.tune_seeds, "tune-seeds")
+    seeds = _parse_seeds(args.seeds, "seeds")
+    tune_seeds = _parse_seeds(args.tune_seeds, "tune-seeds")
     if set(seeds) & set(tune_seeds):
         raise ValueError(f"--tune-seeds must be disjoint from --seeds (both hold "
                          f"{sorted(set(seeds) & set(tune_seeds))}); e.g. --tune-seeds 1000,1001.")
@@ -429,7 +435,8 @@ def _parse_seeds(text: str, what: str) -> list[int]:
         try:
             seeds += list(range(int(first), int(last or first) + 1))
         except ValueError:
-            raise ValueError(f"--{what} takes integers and ranges like 0-19, got {item!r}.") from None
+            raise ValueError(f"--{what} takes integers and ranges like 0-19, "
+                             f"got {item!r}.") from None
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"--{what} must name distinct seeds, got {text!r}.")
     return seeds
