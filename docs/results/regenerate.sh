@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the protocol results of docs/results.md: each experiment runs `fedlora-jax compare`
-# into runs/ (reusing finished runs) and copies its tables, figures and raw metrics here.
+# into runs/ (reusing finished runs) and copies its tables, figures and raw metrics to docs/results/protocol_NAME.
 #   bash docs/results/regenerate.sh            # every experiment
 #   bash docs/results/regenerate.sh tiny_adamw # one of them
 set -euo pipefail
@@ -16,7 +16,7 @@ TINY=(--preset tiny --rounds 30 --seeds 0-19 --tune-seeds 1000 --strategies "$ST
 experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/results/NAME
   local name=$1 start=$SECONDS; shift
   python -m fedlora_jax.cli compare "$@" --output-dir "runs/protocol_$name"
-  local src="runs/protocol_$name" dst="docs/results/$name"
+  local src="runs/protocol_$name" dst="docs/results/protocol_$name"
   mkdir -p "$dst"
   cp "$src"/{tuning,summary,paired}.{csv,md} "$src"/accuracy_vs_{clock,round}.png \
      "$src"/protocol.json "$dst"/
