@@ -32,6 +32,6 @@ if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
 fi
 if want tiny_sgd; then
-  experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,fslora,hetlora \
+  experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,hetlora \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi

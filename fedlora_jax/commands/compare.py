@@ -372,48 +372,66 @@ def plan_protocol(args) -> Protocol:
     return Protocol(names, seeds, tune_seeds, grids, config)
 
 
-def main(args) -> int:
-    protocol = plan_protocol(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def tune(protocol: Protocol, out: Path, budget: float | None
+         ) -> tuple[dict[str, Setting], float, float]:
+    """The tuning stage (validation split only): each strategy's chosen setting, the stage's
+    budget and the best validation accuracy reached within it; writes ``tuning.*``."""
     keys = [(name, s, seed) for name in protocol.names for s in protocol.grids[name]
             for seed in protocol.tune_seeds]
     done = run_configs({k: protocol.config(*k, "validation") for k in keys}, out / "tuning.jsonl")
     trials: dict = {name: {} for name in protocol.names}
     for (name, setting, seed), rows in done.items():
         trials[name].setdefault(setting, {})[seed] = rows
-    tune_budget = args.budget or min(shortest(by_setting) for by_setting in trials.values())
-    tuning, chosen = tuning_table(trials, tune_budget)
-    target = args.target if args.target is not None else 0.9 * max(acc for rows in done.values()
-                                      for t, acc in zip(*curve(rows)) if t <= tune_budget)
-    write_table(tuning, out, "tuning", [f"Validation score: mean validation accuracy over the "
-                                        f"first {tune_budget:.4g} simulated seconds."])
+    budget = budget or min(shortest(by_setting) for by_setting in trials.values())
+    table, chosen = tuning_table(trials, budget)
+    write_table(table, out, "tuning", [f"Validation score: mean validation accuracy over the "
+                                       f"first {budget:.4g} simulated seconds."])
+    best = max(acc for rows in done.values() for t, acc in zip(*curve(rows)) if t <= budget)
+    return chosen, budget, best
 
+
+def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target: float,
+           budget: float | None, reference: str, show_seeds: bool) -> tuple[float, list[str]]:
+    """The reporting stage (test split): runs each chosen setting on the seeds, writes the
+    summary and paired tables and the figures; returns the budget and the tables written."""
     # seed by seed, so an interrupted comparison leaves whole seeds to report (--seeds 0-K)
     keys = [(name, chosen[name], seed) for seed in protocol.seeds for name in protocol.names]
     done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl")
     runs: Runs = {name: {} for name in protocol.names}
     for (name, _, seed), rows in done.items():
         runs[name][seed] = rows
-    budget = args.budget or shortest(runs)
+    budget = budget or shortest(runs)
     header = [f"Test accuracy target {target:.4f}, budget {budget:.4g} simulated seconds, "
               f"{len(protocol.seeds)} paired seeds; mean [95% bootstrap CI]."]
     write_table(summarize(runs, chosen, target, budget), out, "summary",
                 header + [f"Strongest baseline at {t}: {b}." for t, b in
-                          strongest(runs, args.reference, budget).items()])
-    if args.reference in runs and len(runs) > 1:
-        write_table(paired_table(runs, args.reference, target, budget), out, "paired", header)
-    plot(runs, target, budget, out, show_seeds=args.show_seeds)
+                          strongest(runs, reference, budget).items()])
+    tables = ["summary"]
+    if reference in runs and len(runs) > 1:
+        write_table(paired_table(runs, reference, target, budget), out, "paired", header)
+        tables.append("paired")
+    plot(runs, target, budget, out, show_seeds=show_seeds)
+    return budget, tables
+
+
+def main(args) -> int:
+    protocol = plan_protocol(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen, tune_budget, best = tune(protocol, out, args.budget)
+    target = 0.9 * best if args.target is None else args.target
+    budget, tables = report(protocol, chosen, out, target=target, budget=args.budget,
+                            reference=args.reference, show_seeds=args.show_seeds)
     (out / "protocol.json").write_text(json.dumps(
         {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
          "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,
          "chosen": {n: s._asdict() for n, s in chosen.items()},
          "grid": {n: [s._asdict() for s in g] for n, g in protocol.grids.items()}}, indent=2))
-    for stem in ("tuning", "summary", "paired"):
-        if (out / f"{stem}.md").is_file():
-            print((out / f"{stem}.md").read_text())
-    print(f"wrote {out}/: tuning, summary and paired tables (.csv, .md), accuracy_vs_clock.png, "
-          "accuracy_vs_round.png, metrics.jsonl, tuning.jsonl, protocol.json")
+    for stem in ("tuning", *tables):
+        print((out / f"{stem}.md").read_text())
+    print(f"wrote {out}/: {', '.join(('tuning', *tables))} tables (.csv, .md), "
+          "accuracy_vs_clock.png, accuracy_vs_round.png, metrics.jsonl, tuning.jsonl, "
+          "protocol.json")
     return 0
 
 
