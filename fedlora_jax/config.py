@@ -50,7 +50,10 @@ class DataConfig:
     ``dirichlet`` (over labels, with ``alpha``) or ``iid``. ``synthetic_per_client``: examples
     per client of the synthetic data (before the held-out split). ``label_names``: the classes of
     a file in index order; a label equal to a name gets its index, an integer label is an index
-    (needed when a file mixes text and integer labels, e.g. ``pos`` and ``1``)."""
+    (needed when a file mixes text and integer labels, e.g. ``pos`` and ``1``).
+    ``validation_fraction``: the share of the held-out examples set apart (seeded) as a validation
+    split, for tuning; the rest is the test split. ``evaluate_on``: the split a run scores, ``test``
+    or ``validation``."""
 
     source: str = "builtin"
     num_clients: int = 50
@@ -62,6 +65,8 @@ class DataConfig:
     label_column: str = "label"
     label_names: tuple[str, ...] = ()
     synthetic_per_client: int = 50
+    validation_fraction: float = 0.0
+    evaluate_on: str = "test"
 
     def __post_init__(self):
         if self.partition not in ("natural", "dirichlet", "iid"):
@@ -74,6 +79,15 @@ class DataConfig:
             raise ValueError(f"data.num_clients must be a positive integer, got {self.num_clients!r}.")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got "
+                             f"{self.validation_fraction!r}.")
+        if self.evaluate_on not in ("test", "validation"):
+            raise ValueError(f"data.evaluate_on must be 'test' or 'validation', "
+                             f"got {self.evaluate_on!r}.")
+        if self.evaluate_on == "validation" and not self.validation_fraction:
+            raise ValueError("data.evaluate_on='validation' needs a validation split: set "
+                             "data.validation_fraction in (0, 1).")
         if not self.alpha > 0:
             raise ValueError(f"data.alpha must be > 0, got {self.alpha!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:

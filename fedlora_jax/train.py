@@ -130,6 +130,23 @@ def _hold_out(cfg: config_lib.RunConfig, examples: dict, labels: np.ndarray, nam
     return train, _split(cfg, labels[~held]), heldout, names, None
 
 
+def evaluation_split(data: config_lib.DataConfig, seed: int, heldout: dict, owners):
+    """The held-out examples (and owners) the run scores: a seeded ``data.validation_fraction``
+    of them is the validation split (tuning only), the rest the test split, disjoint by
+    construction; ``data.evaluate_on`` picks one."""
+    if not data.validation_fraction:
+        return heldout, owners
+    size = len(next(iter(heldout.values())))
+    validation = np.random.default_rng([seed, 1]).permutation(size) < round(
+        data.validation_fraction * size)
+    keep = validation if data.evaluate_on == "validation" else ~validation
+    if not keep.any():
+        raise ValueError(f"data.validation_fraction={data.validation_fraction} leaves the "
+                         f"{data.evaluate_on} split of {size} held-out examples empty; move it "
+                         "toward 0.5 or raise data.heldout_fraction.")
+    return {k: v[keep] for k, v in heldout.items()}, None if owners is None else owners[keep]
+
+
 def _split(cfg: config_lib.RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     d = cfg.data
     if d.partition == "dirichlet":
@@ -141,6 +158,7 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     """Loads (or creates) the model and the data, applies LoRA and builds the engine."""
     tokenizer, task = _tokenizer_and_task(cfg)
     train, clients, heldout, labels, owners = _load_data(cfg, tokenizer, task)
+    heldout, owners = evaluation_split(cfg.data, cfg.federation.seed, heldout, owners)
     model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
     strategy = strategies.strategy_of(cfg)

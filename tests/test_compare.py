@@ -1,4 +1,5 @@
-"""``fedlora-jax compare``: time to target, the table over seeds, plots, and an end-to-end run."""
+"""``fedlora-jax compare``: the protocol's pieces on synthetic runs, the validation/test split, a
+tuning stage that never reads the test split, and an end-to-end run."""
 
 import csv
 import json
@@ -7,70 +8,206 @@ import re
 import numpy as np
 import pytest
 
-from fedlora_jax.cli import main
-from fedlora_jax.commands.compare import accuracy_at, summarize, time_to_target, write_table
+from fedlora_jax import stats
+from fedlora_jax.cli import build_parser, main
+from fedlora_jax.commands import compare
+from fedlora_jax.commands.compare import Setting
+from tests import compile_cache
 
 
 def _rows(accs, dt=2.0):
-    rows = [{"round": 0, "eval_accuracy": accs[0]}]
-    rows += [{"round": r, "sim_clock_s": dt * r, "eval_accuracy": a}
-             for r, a in enumerate(accs[1:], 1)]
+    rows = [{"round": 0, "sim_clock_s": 0.0, "eval_accuracy": accs[0]}]
+    rows += [{"round": r, "sim_clock_s": dt * r, "eval_accuracy": a, "participants": 4,
+              "mean_rank": 2.0, "round_total_s": dt} for r, a in enumerate(accs[1:], 1)]
     return rows
 
 
-def test_time_to_target_is_the_first_evaluation_at_or_above_it():
+def test_time_to_target_and_accuracy_read_the_evaluations():
     rows = _rows([0.1, 0.3, 0.5, 0.4, 0.7])
-    assert time_to_target(rows, 0.5) == (4.0, 2)
-    assert time_to_target(rows, 0.8) is None
-    assert accuracy_at(rows, 5.0) == 0.5 and np.isnan(accuracy_at(rows[1:], 1.0))
+    assert compare.time_to_target(rows, 0.5) == 4.0
+    assert compare.time_to_target(rows, 0.8) == np.inf
+    assert compare.accuracy_at(rows, 5.0) == 0.5 and compare.accuracy_at(rows, 100.0) == 0.7
     rows[2].pop("eval_accuracy")  # not evaluated that round
-    assert time_to_target(rows, 0.5) == (8.0, 4)
+    assert compare.time_to_target(rows, 0.5) == 8.0
+    assert compare.score(rows, 8.0) == pytest.approx((0.1 * 2 + 0.3 * 4 + 0.4 * 2) / 8)
 
 
-def test_summary_reports_mean_and_spread_over_seeds_that_reached(tmp_path):
-    runs = {"a": {0: _rows([0.1, 0.6, 0.7], dt=1.0), 1: _rows([0.1, 0.2, 0.6], dt=3.0)},
-            "b": {0: _rows([0.1, 0.2, 0.3]), 1: _rows([0.1, 0.2, 0.3])}}
-    table = summarize(runs, 0.6)
-    a, b = table
-    assert a["reached"] == "2/2" and b["reached"] == "0/2"
-    assert a["time_to_target_s"] == f"{np.mean([1.0, 6.0]):.4g} ± {np.std([1.0, 6.0]):.2g}"
-    assert a["rounds_to_target"].startswith("1.5 ±") and b["time_to_target_s"] == "-"
-    budget = "accuracy_at_2s"  # the shortest run: 2 rounds of 1 s
-    assert a[budget] == f"{np.mean([0.7, 0.1]):.4g} ± {np.std([0.7, 0.1]):.2g}"
-    assert b[budget] == "0.2 ± 0"
-    write_table(table, 0.6, tmp_path)
-    with open(tmp_path / "time_to_target.csv") as f:
-        assert [r["strategy"] for r in csv.DictReader(f)] == ["a", "b"]
-    md = (tmp_path / "time_to_target.md").read_text()
-    assert "Target held-out accuracy: 0.6000" in md and "| a | 2/2 |" in md
+def test_tuning_picks_the_best_mean_validation_area():
+    low, high = Setting(1e-3, None), Setting(1e-2, None)
+    trials = {"a": {low: {0: _rows([0.1, 0.2, 0.3]), 1: _rows([0.1, 0.2, 0.3])},
+                    high: {0: _rows([0.1, 0.6, 0.2]), 1: _rows([0.1, 0.1, 0.1])}},
+              "b": {low: {0: _rows([0.1, 0.5, 0.5])}, high: {0: _rows([0.1, 0.5, 0.5])}}}
+    table, chosen = compare.tuning_table(trials, budget=4.0)
+    # a: low scores (0.1 + 0.2) / 2 = 0.15 on both seeds; high (0.35 + 0.1) / 2 = 0.225
+    assert chosen == {"a": high, "b": low}  # b ties: the first setting
+    assert [r["validation_score"] for r in table] == ["0.1500", "0.2250", "0.3000", "0.3000"]
+    assert [r["chosen"] for r in table] == ["", "yes", "yes", ""]
+
+
+def _synthetic_runs():
+    """Two strategies over 3 seeds; 'fast' reaches 0.6 at 2 s on every seed, 'slow' at 6 s on
+    seed 0 and never on the others (censored at the 8 s budget)."""
+    return {"fast": {s: _rows([0.1, 0.6, 0.7, 0.7, 0.7]) for s in range(3)},
+            "slow": {0: _rows([0.1, 0.2, 0.3, 0.6, 0.6]), 1: _rows([0.1, 0.2, 0.3, 0.4, 0.5]),
+                     2: _rows([0.1, 0.1, 0.1, 0.1, 0.1])}}
+
+
+def test_summary_counts_misses_at_the_budget(tmp_path):
+    runs = _synthetic_runs()
+    settings = {"fast": Setting(1e-2, 1.0), "slow": Setting(1e-3, None)}
+    fast, slow = compare.summarize(runs, settings, target=0.6, budget=8.0)
+    assert fast["reached"] == "3/3" and slow["reached"] == "1/3"
+    assert fast["time_to_target_s"] == "2 [2, 2]"
+    restricted = stats.mean_ci([6.0, 8.0, 8.0])
+    assert slow["time_to_target_s"] == str(restricted) and restricted.mean == pytest.approx(22 / 3)
+    assert slow["accuracy_at_4s"] == str(stats.mean_ci([0.3, 0.3, 0.1]))
+    assert slow["server_lr"] == "-" and fast["participants"] == "4" and fast["round_s"] == "2"
+    compare.write_table([fast, slow], tmp_path, "summary", ["header line"])
+    with open(tmp_path / "summary.csv") as f:
+        assert [r["strategy"] for r in csv.DictReader(f)] == ["fast", "slow"]
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("header line\n") and "| fast | 0.01 | 1.0 | 3/3 |" in md
+
+
+def test_paired_table_and_strongest_baseline():
+    runs = _synthetic_runs()
+    (row,) = compare.paired_table(runs, "fast", target=0.6, budget=8.0)
+    logs = np.log(np.array([2.0, 2.0, 2.0]) / [6.0, 8.0, 8.0])
+    assert row["baseline"] == "slow" and row["fast_faster"] == "1.00" and row["ties"] == "0.00"
+    assert row["mean_log_ratio"] == str(stats.mean_ci(logs))
+    assert compare.strongest(runs, "fast", 8.0) == {"2s": "slow (0.1667)", "4s": "slow (0.2333)",
+                                                    "8s": "slow (0.4000)"}
+
+
+@pytest.mark.parametrize("show_seeds", [False, True])
+def test_the_curve_figure_draws_one_line_and_band_per_strategy(show_seeds):
+    runs = _synthetic_runs()
+    fig = compare.curve_figure(runs, "sim_clock_s", np.linspace(0, 8, 17), 0.6,
+                               show_seeds=show_seeds)
+    ax = fig.axes[0]
+    labelled = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == ["fast (3 seeds)", "slow (3 seeds)"]
+    np.testing.assert_allclose(labelled[1].get_ydata(), np.mean(
+        [stats.step_value(*compare.curve(r), np.linspace(0, 8, 17)) for r in runs["slow"].values()],
+        axis=0))
+    assert len(ax.collections) == 2  # one CI band each
+    seed_lines = len(ax.get_lines()) - len(labelled) - 1  # minus the target line
+    assert seed_lines == (6 if show_seeds else 0)
+
+
+def _tiny_args(tmp_path, *extra):
+    return build_parser().parse_args(
+        ["compare", "--preset", "tiny", "--rounds", "1", "--output-dir", str(tmp_path),
+         "--strategies", "fedit", "--seeds", "3", "--tune-seeds", "7", "--lr-grid", "0.01",
+         *extra])
+
+
+def _rows_of(examples) -> set[bytes]:
+    return {row.tobytes() for row in np.asarray(examples["input_ids"])}
+
+
+def test_validation_split_is_disjoint_from_the_test_split():
+    from fedlora_jax.config import DataConfig
+    from fedlora_jax.train import evaluation_split
+
+    heldout = {"input_ids": np.arange(202)[:, None], "labels": np.arange(202) % 7}
+    owners = np.arange(202) % 5
+    split = {part: evaluation_split(DataConfig(validation_fraction=0.3, evaluate_on=part), 4,
+                                    heldout, owners) for part in ("validation", "test")}
+    (val, val_owners), (test, test_owners) = split["validation"], split["test"]
+    assert len(val["labels"]) == round(0.3 * 202) and len(test["labels"]) == 202 - 61
+    assert not set(val["input_ids"][:, 0]) & set(test["input_ids"][:, 0])
+    assert set(val["input_ids"][:, 0]) | set(test["input_ids"][:, 0]) == set(range(202))
+    np.testing.assert_array_equal(val_owners, val["input_ids"][:, 0] % 5)  # rows stay together
+    again, _ = evaluation_split(DataConfig(validation_fraction=0.3, evaluate_on="validation"), 4,
+                                heldout, owners)
+    np.testing.assert_array_equal(again["input_ids"], val["input_ids"])  # the seed fixes it
+    other, _ = evaluation_split(DataConfig(validation_fraction=0.3, evaluate_on="validation"), 5,
+                                heldout, owners)
+    assert not np.array_equal(other["input_ids"], val["input_ids"])
+    assert evaluation_split(DataConfig(), 4, heldout, owners) == (heldout, owners)  # no split
+
+
+def test_a_seed_fixes_the_world_for_every_strategy_and_setting(tmp_path):
+    import jax
+
+    from fedlora_jax.train import build, make_profile
+
+    protocol = compare.plan_protocol(_tiny_args(tmp_path, "--strategies", "fedit,adaptive"))
+    a = build(protocol.config("fedit", Setting(0.01, 1.0), 3, "test"))
+    b = build(protocol.config("adaptive", Setting(0.1, 1.0), 3, "test"))
+    same = lambda x, y: all(jax.tree.leaves(jax.tree.map(np.array_equal, x, y)))
+    assert same(a.heldout, b.heldout) and same(a.profile, b.profile)  # data split, network
+    assert same(a.engine.pool.order, b.engine.pool.order)  # client split
+    sa, sb = a.engine.init(), b.engine.init()
+    assert same(sa.trainable, sb.trainable)  # initialization
+    assert np.array_equal(jax.random.key_data(sa.key), jax.random.key_data(sb.key))  # sampling
+    other = make_profile(protocol.config("fedit", Setting(0.01, 1.0), 4, "test"), 16)
+    assert not same(a.profile, other)  # another seed, another world
+
+
+def test_tuning_never_evaluates_on_the_test_split(tmp_path, monkeypatch):
+    from fedlora_jax.engine import FederatedEngine
+    from fedlora_jax.train import build
+
+    compile_cache.enable()
+    protocol = compare.plan_protocol(_tiny_args(tmp_path))
+    evaluated = []
+    original = FederatedEngine.evaluate
+    monkeypatch.setattr(FederatedEngine, "evaluate", lambda self, state, examples, *a, **k: (
+        evaluated.append(_rows_of(examples)) or original(self, state, examples, *a, **k)))
+    cfgs = {(s, 7): protocol.config("fedit", s, 7, "validation") for s in protocol.grids["fedit"]}
+    compare.run_configs(cfgs, tmp_path / "tuning.jsonl", log=lambda *_: None)
+    monkeypatch.setattr(FederatedEngine, "evaluate", original)
+    setting = protocol.grids["fedit"][0]
+    validation = _rows_of(build(protocol.config("fedit", setting, 7, "validation")).heldout)
+    test = _rows_of(build(protocol.config("fedit", setting, 7, "test")).heldout)
+    assert len(evaluated) == 2  # rounds 0 and 1 of the one trial
+    assert all(rows == validation for rows in evaluated)
+    assert not any(rows & test for rows in evaluated)
 
 
 def test_compare_end_to_end(tmp_path, capsys):
+    compile_cache.enable()
     out = tmp_path / "cmp"
     rc = main(["compare", "--preset", "tiny", "--rounds", "2", "--strategies", "fedit,fslora",
-               "--seeds", "3", "--output-dir", str(out)])
+               "--reference", "fslora", "--seeds", "3", "--tune-seeds", "7",
+               "--lr-grid", "0.005", "--output-dir", str(out)])
     assert rc == 0
-    for name in ("metrics.jsonl", "time_to_target.csv", "time_to_target.md",
-                 "accuracy_vs_clock.png", "accuracy_vs_round.png"):
+    for name in ("metrics.jsonl", "tuning.jsonl", "tuning.md", "summary.csv", "summary.md",
+                 "paired.md", "accuracy_vs_clock.png", "accuracy_vs_round.png", "protocol.json"):
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {(r["strategy"], r["seed"]) for r in rows} == {("fedit", 3), ("fslora", 3)}
     assert all("eval_accuracy" in r for r in rows)  # evaluated every round
-    start = {(r["strategy"], r["seed"]): r["eval_accuracy"] for r in rows if r["round"] == 0}
-    assert start[("fedit", 3)] == start[("fslora", 3)]  # same model, data split and network
-    clock = {(r["strategy"], r["seed"]): r["sim_clock_s"] for r in rows if r["round"] == 2}
-    assert all(t > 0 for t in clock.values())
-    assert clock[("fslora", 3)] < clock[("fedit", 3)]  # same sampling, smaller sketches
-    assert "| fedit |" in capsys.readouterr().out
+    start = {r["strategy"]: r["eval_accuracy"] for r in rows if r["round"] == 0}
+    assert start["fedit"] == start["fslora"]  # same model, data split and network
+    clock = {r["strategy"]: r["sim_clock_s"] for r in rows if r["round"] == 2}
+    assert 0 < clock["fslora"] < clock["fedit"]  # same sampling, smaller sketches
+    tuning = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in tuning} == {7}
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["budget_s"] == pytest.approx(clock["fslora"])  # the shortest run
+    printed = capsys.readouterr().out
+    assert "| fedit | 0.005 | 1.0 |" in printed and "| baseline | fslora_faster |" in printed
 
 
 @pytest.mark.parametrize("args, message", [
     (["--strategies", "adaptive,fedavg"], "Unknown strategy 'fedavg'.*Valid strategies"),
     (["--strategies", "fedit", "--set", "federation.sketch_ratio=0.25"],
      "contradicts strategy 'fedit': FedIT trains and uploads the full rank"),
-    (["--seeds", "0,x"], "--seeds must be a comma-separated list"),
+    (["--seeds", "0,x"], "--seeds takes integers and ranges like 0-19, got 'x'"),
+    (["--seeds", "0-3", "--tune-seeds", "3"], "--tune-seeds must be disjoint from --seeds"),
+    (["--lr-grid", "0.01,-1"], "positive learning rates"),
+    (["--validation-fraction", "1.5"], "data.validation_fraction must be in"),
 ])
 def test_compare_rejects_bad_input_before_training(tmp_path, capsys, args, message):
     assert main(["compare", "--preset", "tiny", "--output-dir", str(tmp_path), *args]) == 2
     assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "tuning.jsonl").exists()
+
+
+def test_seed_lists_take_ranges():
+    assert compare._parse_seeds("0,3,5-7", "seeds") == [0, 3, 5, 6, 7]
+    with pytest.raises(ValueError, match="distinct"):
+        compare._parse_seeds("1,0-2", "seeds")

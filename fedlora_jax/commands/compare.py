@@ -1,11 +1,25 @@
-"""``fedlora-jax compare``: several strategies on the same clients, split, network and seeds.
+"""``fedlora-jax compare``: strategies against each other under one protocol, in simulated time.
 
-Every (strategy, seed) is one ``train`` run (``OUTPUT_DIR/STRATEGY/seedS``) of the same config but
-for ``strategy`` and ``federation.seed``; the seed fixes the data split, the simulated network and
-the sampling keys, so strategies differ only in what they choose. Writes to ``OUTPUT_DIR``:
-``metrics.jsonl`` (every row, tagged with strategy and seed), ``accuracy_vs_clock.png`` and
-``accuracy_vs_round.png``, and ``time_to_target.csv`` / ``.md`` (mean and spread over seeds).
-Time is the simulated wall-clock (``sim_clock_s``), never the host's.
+1. **Tuning.** Every strategy gets the same grid: client learning rates, times server steps for
+   the strategies that have one (those that do not pin ``server_optimizer``). Each trial runs on
+   the tuning seeds and is scored on the *validation* split only (a seeded part of the held-out
+   data, disjoint from the test split: ``data.validation_fraction``) by the mean of its
+   validation-accuracy step curve over the wall-clock budget. The best mean score over the tuning
+   seeds picks each strategy's setting.
+2. **Reporting.** Each strategy's chosen setting runs on the reporting seeds, scored on the test
+   split. One seed fixes the data split, the network, the initialization and the sampling keys
+   for every strategy, so results are paired by seed.
+3. **Statistics** (:mod:`fedlora_jax.stats`): seeds reaching the target, restricted mean time to
+   target (misses censored at the budget), test accuracy at fixed budgets, each with a 95%
+   bootstrap interval over seeds; against each baseline, the share of seeds where the reference
+   strategy (``adaptive``) is faster and the paired time ratio.
+
+Time is the simulated wall-clock (``sim_clock_s``), never the host's. The budget defaults to the
+shortest run's simulated time in each stage, so every run covers it; the target defaults to 90%
+of the best validation accuracy of the tuning stage (the test split never picks anything).
+Writes to ``OUTPUT_DIR``: ``tuning.csv/.md`` (every trial's score), ``summary.csv/.md``,
+``paired.csv/.md``, ``accuracy_vs_clock.png`` and ``accuracy_vs_round.png`` (mean over seeds with
+its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``.
 """
 
 from __future__ import annotations
@@ -14,35 +28,59 @@ import argparse
 import csv
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from fedlora_jax import stats
+
 EXAMPLE = textwrap.dedent("""\
     examples:
-      fedlora-jax compare --preset tiny --strategies adaptive,fedit,fslora --seeds 0,1,2
-      fedlora-jax compare --strategies adaptive,luo,fslora,fedit,full --rounds 20 --target 0.6
-      fedlora-jax compare --model tiny --set eval_every=2 --output-dir runs/cmp
+      fedlora-jax compare --preset tiny --strategies adaptive,fedit,fslora --seeds 0-19
+      fedlora-jax compare --strategies adaptive,fslora,fedit --seeds 0-4 --lr-grid 1e-3,3e-3,1e-2
+      fedlora-jax compare --preset tiny --server-lr-grid 0.5,1 --budget 0.2 --target 0.8
 
-    The target defaults to 90% of the best held-out accuracy any run reached. Evaluation runs every
-    round unless --set eval_every=N says otherwise (time to target is read at evaluations).
-    Runs that finished before in OUTPUT_DIR with the same settings are reused, so an interrupted
-    comparison continues where it stopped and strategies can be added later; delete a run's
-    folder (OUTPUT_DIR/STRATEGY/seedS) to redo it.""")
+    Every strategy is tuned on the same grid (--lr-grid, default the configured client learning
+    rate times 0.1, 0.3, 1, 3) on --tune-seeds, scored on the validation split, then run with its
+    best setting on --seeds and scored on the test split. Evaluation runs every round unless
+    --set eval_every=N says otherwise (time to target is read at evaluations). Runs finished
+    before in OUTPUT_DIR with the same settings are reused, so an interrupted comparison
+    continues where it stopped; delete a run's folder to redo it.""")
 
-DEFAULT_STRATEGIES = "adaptive,luo,fslora,fedit,full"
-
-
+DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
+BUDGET_FRACTIONS = (0.25, 0.5, 1.0)  # test accuracy is reported at these parts of the budget
 SHORTCUTS = {"model": "model.source", "data": "data.source", "rounds": "federation.rounds",
              "clients": "data.num_clients"}
+
+Runs = dict[str, dict[int, list[dict]]]  # strategy -> seed -> metrics rows
+
+
+class Setting(NamedTuple):
+    """A point of the tuning grid; ``server_lr`` is None for strategies without a server step."""
+
+    client_lr: float
+    server_lr: float | None
+
+    def overrides(self) -> list[str]:
+        out = [f"client_optimizer.learning_rate={self.client_lr}"]
+        return out + ([] if self.server_lr is None else
+                      [f"server_optimizer.learning_rate={self.server_lr}"])
+
+    @property
+    def folder(self) -> str:
+        server = "" if self.server_lr is None else f"_slr{self.server_lr:g}"
+        return f"lr{self.client_lr:g}{server}"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "compare", help="compare strategies in simulated wall-clock time",
-        description="Runs several strategies on the same clients, data split, network and seeds; "
-                    "writes accuracy-vs-wall-clock and -vs-round plots, a time-to-target table "
-                    "and the raw metrics.",
+        "compare", help="compare strategies in simulated wall-clock time (tuned, paired seeds)",
+        description="Tunes every strategy on the same grid (validation split), runs the chosen "
+                    "settings on paired seeds (test split) and reports time to target and "
+                    "accuracy at fixed budgets with bootstrap confidence intervals.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="named settings (see 'fedlora-jax run --help')")
     p.add_argument("--config", help="TOML, YAML or JSON file of settings")
@@ -55,120 +93,192 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", default="runs/compare", help="default runs/compare")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                    help=f"comma-separated strategy names (default {DEFAULT_STRATEGIES})")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--target", type=float,
-                   help="target held-out accuracy (default: 90%% of the best any run reached)")
+    p.add_argument("--reference", default="adaptive",
+                   help="the strategy paired against every other one (default adaptive)")
+    p.add_argument("--seeds", default="0-4", help="reporting seeds: list and ranges (default 0-4)")
+    p.add_argument("--tune-seeds", default="1000",
+                   help="tuning seeds, disjoint from --seeds (default 1000)")
+    p.add_argument("--lr-grid", help="client learning rates tried by every strategy "
+                                     "(default: the configured one times 0.1, 0.3, 1, 3)")
+    p.add_argument("--server-lr-grid", help="server steps tried by the strategies that have one "
+                                            "(default: the configured one, not tuned)")
+    p.add_argument("--validation-fraction", type=float, default=0.5,
+                   help="share of the held-out data used for validation (default 0.5)")
+    p.add_argument("--budget", type=float,
+                   help="simulated wall-clock budget in seconds "
+                        "(default: each stage's shortest run)")
+    p.add_argument("--target", type=float, help="target test accuracy (default: 90%% of the best "
+                                                "validation accuracy of the tuning stage)")
+    p.add_argument("--show-seeds", action="store_true", help="also draw each seed's curve")
     p.set_defaults(func=main)
 
 
-def time_to_target(rows: list[dict], target: float) -> tuple[float, int] | None:
-    """Simulated seconds and round of the first evaluation at or above ``target`` (None: never)."""
-    for row in rows:
-        if row.get("eval_accuracy", -np.inf) >= target:
-            return row.get("sim_clock_s", 0.0), row["round"]
-    return None
+# ---------------------------------------------------------------------------------- curves ---
+
+def curve(rows: list[dict], x_key: str = "sim_clock_s") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, held-out accuracy)`` at a run's evaluations (round 0 sits at time 0)."""
+    points = [(r.get(x_key, 0.0), r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    xs, ys = zip(*points)
+    return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+
+def end_time(rows: list[dict]) -> float:
+    return float(rows[-1].get("sim_clock_s", 0.0))
+
+
+def shortest(runs: Runs) -> float:
+    """The shortest run's simulated time: a budget every run covers."""
+    return min(end_time(rows) for by_seed in runs.values() for rows in by_seed.values())
+
+
+def time_to_target(rows: list[dict], target: float) -> float:
+    """Simulated seconds to the first evaluation at or above ``target`` (``inf``: never)."""
+    return stats.first_crossing(*curve(rows), target)
 
 
 def accuracy_at(rows: list[dict], seconds: float) -> float:
     """Held-out accuracy of the last evaluation at or before ``seconds`` of simulated time."""
-    evals = [r["eval_accuracy"] for r in rows
-             if "eval_accuracy" in r and r.get("sim_clock_s", 0.0) <= seconds]
-    return evals[-1] if evals else float("nan")
+    return float(stats.step_value(*curve(rows), seconds))
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{np.mean(values):.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.4g}"
+def score(rows: list[dict], budget: float) -> float:
+    """The tuning score: mean validation accuracy over ``[0, budget]`` (area under the curve)."""
+    return stats.area_under(*curve(rows), budget)
 
 
-def summarize(runs: dict[str, dict[int, list[dict]]], target: float) -> list[dict]:
-    """One row per strategy: seeds that reached ``target``, time and rounds to it (mean ± std over
-    those seeds), final accuracy, total simulated time, and the accuracy at a common time budget
-    (the shortest run's simulated time: fair to strategies with short rounds), mean ± std over
-    all seeds."""
-    budget = min(rows[-1].get("sim_clock_s", 0.0) for by_seed in runs.values()
-                 for rows in by_seed.values())
+# ------------------------------------------------------------------------------ statistics ---
+
+def tuning_table(trials: dict[str, dict[Setting, dict[int, list[dict]]]], budget: float
+                 ) -> tuple[list[dict], dict[str, Setting]]:
+    """Every trial's score (mean over the tuning seeds) and each strategy's best setting."""
+    table, chosen = [], {}
+    for name, by_setting in trials.items():
+        scores = {s: float(np.mean([score(rows, budget) for rows in by_seed.values()]))
+                  for s, by_seed in by_setting.items()}
+        chosen[name] = max(scores, key=scores.get)  # ties: the first (smallest) setting
+        table += [{"strategy": name, "client_lr": s.client_lr,
+                   "server_lr": "-" if s.server_lr is None else s.server_lr,
+                   "validation_score": f"{v:.4f}", "chosen": "yes" if s == chosen[name] else ""}
+                  for s, v in scores.items()]
+    return table, chosen
+
+
+def censored_times(runs: Runs, target: float, budget: float) -> dict[str, np.ndarray]:
+    """Per strategy, the seeds' times to target censored at the budget, in one seed order."""
+    seeds = sorted(next(iter(runs.values())))
+    return {name: stats.censor([time_to_target(by_seed[s], target) for s in seeds], budget)[0]
+            for name, by_seed in runs.items()}
+
+
+def summarize(runs: Runs, settings: dict[str, Setting], target: float, budget: float
+              ) -> list[dict]:
+    """One row per strategy: its setting, seeds reaching the target within the budget,
+    restricted mean time to target and test accuracy at parts of the budget (95% CIs over
+    seeds), and what it did per round (participants, kept rank, simulated round time)."""
     table = []
     for name, by_seed in runs.items():
-        hits = [h for h in (time_to_target(rows, target) for rows in by_seed.values()) if h]
-        finals = [rows[-1].get("eval_accuracy", np.nan) for rows in by_seed.values()]
-        clocks = [rows[-1].get("sim_clock_s", 0.0) for rows in by_seed.values()]
-        table.append({"strategy": name, "reached": f"{len(hits)}/{len(by_seed)}",
-                      "time_to_target_s": _mean_std([t for t, _ in hits]),
-                      "rounds_to_target": _mean_std([float(r) for _, r in hits]),
-                      "final_accuracy": _mean_std(finals),
-                      f"accuracy_at_{budget:.3g}s": _mean_std(
-                          [accuracy_at(rows, budget) for rows in by_seed.values()]),
-                      "total_sim_time_s": _mean_std(clocks)})
+        seeds = sorted(by_seed)
+        times, reached = stats.censor([time_to_target(by_seed[s], target) for s in seeds], budget)
+        rounds = [r for s in seeds for r in by_seed[s] if "participants" in r]
+        row = {"strategy": name, "client_lr": settings[name].client_lr,
+               "server_lr": "-" if settings[name].server_lr is None else settings[name].server_lr,
+               "reached": f"{int(reached.sum())}/{len(seeds)}",
+               "time_to_target_s": str(stats.mean_ci(times))}
+        row.update({f"accuracy_at_{f * budget:.3g}s": str(stats.mean_ci(
+            [accuracy_at(by_seed[s], f * budget) for s in seeds])) for f in BUDGET_FRACTIONS})
+        row.update(participants=f"{np.mean([r['participants'] for r in rounds]):.3g}",
+                   mean_rank=f"{np.mean([r['mean_rank'] for r in rounds]):.3g}",
+                   round_s=f"{np.mean([r['round_total_s'] for r in rounds]):.3g}")
+        table.append(row)
     return table
 
 
-def write_table(table: list[dict], target: float, out: Path) -> None:
-    """``time_to_target.csv`` and ``time_to_target.md``."""
+def paired_table(runs: Runs, reference: str, target: float, budget: float) -> list[dict]:
+    """``reference`` against every other strategy over paired seeds (censored times)."""
+    times = censored_times(runs, target, budget)
+    table = []
+    for name in runs:
+        if name == reference:
+            continue
+        p = stats.paired(times[reference], times[name])
+        table.append({"baseline": name, f"{reference}_faster": f"{p.faster:.2f}",
+                      "ties": f"{p.ties:.2f}", "time_ratio": str(p.ratio),
+                      "mean_log_ratio": str(p.log_ratio)})
+    return table
+
+
+def strongest(runs: Runs, reference: str, budget: float) -> dict[str, str]:
+    """The baseline with the highest mean test accuracy at each part of the budget."""
+    out = {}
+    for f in BUDGET_FRACTIONS:
+        means = {name: np.mean([accuracy_at(rows, f * budget) for rows in by_seed.values()])
+                 for name, by_seed in runs.items() if name != reference}
+        if means:
+            best = max(means, key=means.get)
+            out[f"{f * budget:.3g}s"] = f"{best} ({means[best]:.4f})"
+    return out
+
+
+def write_table(table: list[dict], out: Path, stem: str, header: list[str] = ()) -> None:
+    """``STEM.csv`` and ``STEM.md`` (with ``header`` lines above the table)."""
     keys = list(table[0])
-    with open(out / "time_to_target.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(table)
-    lines = [f"Target held-out accuracy: {target:.4f}", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = [*header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in table]
-    (out / "time_to_target.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines).lstrip("\n") + "\n")
 
 
-def plot(runs: dict[str, dict[int, list[dict]]], target: float, out: Path) -> list[Path]:
-    """Held-out accuracy against simulated wall-clock and against rounds, one color (and, past ten
-    strategies, line style) per strategy, one line per seed."""
+# ----------------------------------------------------------------------------------- plots ---
+
+def curve_figure(runs: Runs, x_key: str, grid: np.ndarray, target: float, *,
+                 show_seeds: bool = False):
+    """Test accuracy against ``x_key`` on ``grid``: per strategy the mean over seeds (one line)
+    with its 95% bootstrap band; each seed as a thin unlabelled line on request."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, by_seed) in enumerate(runs.items()):
+        color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
+        values = np.stack([stats.step_value(*curve(rows, x_key), grid)
+                           for rows in by_seed.values()])
+        band = stats.mean_ci(values, resamples=999)
+        ax.plot(grid, band.mean, color=color, ls=style, label=f"{name} ({len(values)} seeds)")
+        ax.fill_between(grid, band.low, band.high, color=color, alpha=0.2, lw=0)
+        if show_seeds:
+            ax.plot(grid, values.T, color=color, lw=0.5, alpha=0.3)
+    ax.axhline(target, color="gray", ls="--", lw=1)
+    ax.set_xlabel({"sim_clock_s": "simulated wall-clock (s)"}.get(x_key, x_key))
+    ax.set_ylabel("test accuracy (mean, 95% CI)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot(runs: Runs, target: float, budget: float, out: Path, *, show_seeds: bool = False
+         ) -> list[Path]:
+    """``accuracy_vs_clock.png`` (over the budget) and ``accuracy_vs_round.png``."""
+    import matplotlib.pyplot as plt
+
+    rounds = np.unique(np.concatenate([curve(rows, "round")[0] for by_seed in runs.values()
+                                       for rows in by_seed.values()]))
+    axes = (("sim_clock_s", np.linspace(0.0, budget, 201), "accuracy_vs_clock.png"),
+            ("round", rounds, "accuracy_vs_round.png"))
     paths = []
-    for x_key, x_label, file in (("sim_clock_s", "simulated wall-clock (s)", "accuracy_vs_clock.png"),
-                                 ("round", "round", "accuracy_vs_round.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (name, by_seed) in enumerate(runs.items()):
-            for j, rows in enumerate(by_seed.values()):
-                points = [(r.get(x_key, 0.0), r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3], alpha=0.7,
-                        label=name if j == 0 else None)
-        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:.3f}")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("held-out accuracy")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+    for x_key, grid, file in axes:
+        fig = curve_figure(runs, x_key, grid, target, show_seeds=show_seeds)
         fig.savefig(out / file, dpi=120)
         plt.close(fig)
         paths.append(out / file)
     return paths
 
 
-def run_all(base_overrides: list[str], names: list[str], seeds: list[int], out: Path, *,
-            config: str | None = None, preset: str | None = None, log=print
-            ) -> dict[str, dict[int, list[dict]]]:
-    """Trains every (strategy, seed); all configs are validated before the first run starts."""
-    from fedlora_jax import strategies
-    from fedlora_jax.config import load_config
-    from fedlora_jax.train import train
-
-    cfgs = {(name, seed): strategies.configure(load_config(
-                config, ["eval_every=1", *base_overrides, f"strategy={name}",
-                         f"federation.seed={seed}", f"output_dir={out / name / f'seed{seed}'}"],
-                preset=preset))
-            for name in names for seed in seeds}
-    runs: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
-    with open(out / "metrics.jsonl", "w") as f:
-        for (name, seed), cfg in cfgs.items():
-            rows = finished_run(cfg)
-            log(f"compare: {name}, seed {seed}" + (" (finished before: reused)" if rows else ""))
-            rows = rows or train(cfg, progress="none", log=lambda *_: None, overwrite=True)
-            runs[name][seed] = rows
-            f.writelines(json.dumps({"strategy": name, "seed": seed, **row}) + "\n" for row in rows)
-    return runs
-
+# ------------------------------------------------------------------------------------ runs ---
 
 def finished_run(cfg) -> list[dict] | None:
     """The metrics of a run that already finished in ``cfg.output_dir`` with the same settings
@@ -185,6 +295,146 @@ def finished_run(cfg) -> list[dict] | None:
     return rows if rows and rows[-1].get("round") == cfg.federation.rounds else None
 
 
+def run_configs(cfgs: dict[tuple, object], jsonl: Path, log=print) -> dict[tuple, list[dict]]:
+    """Trains (or reuses) every config; ``jsonl`` gets every row tagged with its key's fields."""
+    from fedlora_jax.train import train
+
+    results = {}
+    with open(jsonl, "w") as f:
+        for key, cfg in cfgs.items():
+            rows = finished_run(cfg)
+            log(f"compare: {cfg.output_dir}" + (" (finished before: reused)" if rows else ""))
+            rows = rows or train(cfg, progress="none", log=lambda *_: None, overwrite=True)
+            results[key] = rows
+            tag = {"strategy": cfg.strategy, "seed": cfg.federation.seed,
+                   "client_lr": cfg.client_optimizer.learning_rate,
+                   "server_lr": cfg.server_optimizer.learning_rate}
+            f.writelines(json.dumps({**tag, **row}) + "\n" for row in rows)
+    return results
+
+
+class Protocol(NamedTuple):
+    """Everything a comparison needs, validated before anything runs."""
+
+    names: list[str]
+    seeds: list[int]
+    tune_seeds: list[int]
+    grids: dict[str, list[Setting]]  # strategy -> its tuning grid
+    config: Callable[[str, Setting, int, str], object]  # (name, setting, seed, split) -> RunConfig
+
+
+def plan_protocol(args) -> Protocol:
+    """Parses the command line and builds (hence validates) every config the protocol may run."""
+    from fedlora_jax import strategies
+    from fedlora_jax.config import load_config
+
+    names = _parse_list(args.strategies, str, "strategies")
+    for name in names:
+        strategies.get_strategy(name)
+    seeds = _parse_seeds(args.seeds, "seeds")
+    tune_seeds = _parse_seeds(args.tune_seeds, "tune-seeds")
+    if set(seeds) & set(tune_seeds):
+        raise ValueError(f"--tune-seeds must be disjoint from --seeds (both hold "
+                         f"{sorted(set(seeds) & set(tune_seeds))}); e.g. --tune-seeds 1000,1001.")
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}.")
+    base = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items()
+            if getattr(args, name) is not None]
+    base = ["eval_every=1", *base, *args.overrides,
+            f"data.validation_fraction={args.validation_fraction}"]
+    default = load_config(args.config, base, preset=args.preset)
+    lrs = (_parse_list(args.lr_grid, float, "lr-grid") if args.lr_grid else
+           [float(f"{f * default.client_optimizer.learning_rate:.3g}") for f in LR_FACTORS])
+    server_lrs = (_parse_list(args.server_lr_grid, float, "server-lr-grid") if args.server_lr_grid
+                  else [default.server_optimizer.learning_rate])
+    if min(lrs + server_lrs) <= 0:
+        raise ValueError("--lr-grid and --server-lr-grid take positive learning rates.")
+    grids = {name: [Setting(lr, slr if "server_optimizer" not in
+                            strategies.get_strategy(name).settings() else None)
+                    for lr in lrs for slr in server_lrs] for name in names}
+    grids = {name: list(dict.fromkeys(grid)) for name, grid in grids.items()}
+    out = Path(args.output_dir)
+
+    def config(name: str, setting: Setting, seed: int, split: str):
+        folder = (out / "tuning" / name / setting.folder if split == "validation" else out / name)
+        return load_config(  # validated, with the strategy's pinned settings applied
+            args.config, [*base, *setting.overrides(), f"data.evaluate_on={split}",
+                          f"strategy={name}", f"federation.seed={seed}",
+                          f"output_dir={folder / f'seed{seed}'}"], preset=args.preset)
+
+    for name, grid in grids.items():  # every config either stage may build
+        for setting in grid:
+            config(name, setting, tune_seeds[0], "validation")
+            config(name, setting, seeds[0], "test")
+    if args.reference not in names:
+        print(f"compare: --reference {args.reference!r} is not among the strategies; "
+              "no paired table.")
+    return Protocol(names, seeds, tune_seeds, grids, config)
+
+
+def tune(protocol: Protocol, out: Path, budget: float | None
+         ) -> tuple[dict[str, Setting], float, float]:
+    """The tuning stage (validation split only): each strategy's chosen setting, the stage's
+    budget and the best validation accuracy reached within it; writes ``tuning.*``."""
+    keys = [(name, s, seed) for name in protocol.names for s in protocol.grids[name]
+            for seed in protocol.tune_seeds]
+    done = run_configs({k: protocol.config(*k, "validation") for k in keys}, out / "tuning.jsonl")
+    trials: dict = {name: {} for name in protocol.names}
+    for (name, setting, seed), rows in done.items():
+        trials[name].setdefault(setting, {})[seed] = rows
+    budget = budget or min(shortest(by_setting) for by_setting in trials.values())
+    table, chosen = tuning_table(trials, budget)
+    write_table(table, out, "tuning", [f"Validation score: mean validation accuracy over the "
+                                       f"first {budget:.4g} simulated seconds."])
+    best = max(acc for rows in done.values() for t, acc in zip(*curve(rows)) if t <= budget)
+    return chosen, budget, best
+
+
+def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target: float,
+           budget: float | None, reference: str, show_seeds: bool) -> tuple[float, list[str]]:
+    """The reporting stage (test split): runs each chosen setting on the seeds, writes the
+    summary and paired tables and the figures; returns the budget and the tables written."""
+    # seed by seed, so an interrupted comparison leaves whole seeds to report (--seeds 0-K)
+    keys = [(name, chosen[name], seed) for seed in protocol.seeds for name in protocol.names]
+    done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl")
+    runs: Runs = {name: {} for name in protocol.names}
+    for (name, _, seed), rows in done.items():
+        runs[name][seed] = rows
+    budget = budget or shortest(runs)
+    header = [f"Test accuracy target {target:.4f}, budget {budget:.4g} simulated seconds, "
+              f"{len(protocol.seeds)} paired seeds; mean [95% bootstrap CI]."]
+    write_table(summarize(runs, chosen, target, budget), out, "summary",
+                header + [f"Strongest baseline at {t}: {b}." for t, b in
+                          strongest(runs, reference, budget).items()])
+    tables = ["summary"]
+    if reference in runs and len(runs) > 1:
+        write_table(paired_table(runs, reference, target, budget), out, "paired", header)
+        tables.append("paired")
+    plot(runs, target, budget, out, show_seeds=show_seeds)
+    return budget, tables
+
+
+def main(args) -> int:
+    protocol = plan_protocol(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen, tune_budget, best = tune(protocol, out, args.budget)
+    target = 0.9 * best if args.target is None else args.target
+    budget, tables = report(protocol, chosen, out, target=target, budget=args.budget,
+                            reference=args.reference, show_seeds=args.show_seeds)
+    (out / "protocol.json").write_text(json.dumps(
+        {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
+         "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,
+         "chosen": {n: s._asdict() for n, s in chosen.items()},
+         "grid": {n: [s._asdict() for s in g] for n, g in protocol.grids.items()}}, indent=2))
+    for stem in ("tuning", *tables):
+        print((out / f"{stem}.md").read_text())
+    print(f"wrote {out}/: {', '.join(('tuning', *tables))} tables (.csv, .md), "
+          "accuracy_vs_clock.png, accuracy_vs_round.png, metrics.jsonl, tuning.jsonl, "
+          "protocol.json")
+    return 0
+
+
 def _parse_list(text: str, kind, what: str) -> list:
     try:
         items = [kind(x) for x in text.split(",") if x.strip()]
@@ -195,25 +445,16 @@ def _parse_list(text: str, kind, what: str) -> list:
     return items
 
 
-def main(args) -> int:
-    from fedlora_jax import strategies
-
-    names = _parse_list(args.strategies, str, "strategies")
-    for name in names:
-        strategies.get_strategy(name)
-    seeds = _parse_list(args.seeds, int, "seeds")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items()
-                 if getattr(args, name) is not None] + args.overrides
-    runs = run_all(overrides, names, seeds, out, config=args.config, preset=args.preset)
-    best = max(r.get("eval_accuracy", 0.0) for by_seed in runs.values() for rows in by_seed.values()
-               for r in rows)
-    target = 0.9 * best if args.target is None else args.target
-    table = summarize(runs, target)
-    write_table(table, target, out)
-    plot(runs, target, out)
-    print((out / "time_to_target.md").read_text())
-    print(f"wrote {out}/metrics.jsonl, time_to_target.csv/.md, accuracy_vs_clock.png, "
-          "accuracy_vs_round.png")
-    return 0
+def _parse_seeds(text: str, what: str) -> list[int]:
+    """``0,3,5-9`` -> [0, 3, 5, 6, 7, 8, 9] (ranges inclusive)."""
+    seeds = []
+    for item in _parse_list(text, str, what):
+        first, _, last = item.strip().partition("-")
+        try:
+            seeds += list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"--{what} takes integers and ranges like 0-19, "
+                             f"got {item!r}.") from None
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--{what} must name distinct seeds, got {text!r}.")
+    return seeds

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates the protocol results of docs/results.md: each experiment runs `fedlora-jax compare`
+# into runs/ (reusing finished runs) and copies its tables, figures and raw metrics to docs/results/protocol_NAME.
+#   bash docs/results/regenerate.sh            # every experiment
+#   bash docs/results/regenerate.sh tiny_adamw # one of them
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/fedlora_jax_xla_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
+
+STRATEGIES=adaptive,fedit,fslora,hetlora,flexlora,ffa
+TINY=(--preset tiny --rounds 30 --seeds 0-19 --tune-seeds 1000 --strategies "$STRATEGIES"
+      --set data.synthetic_per_client=100 --set data.heldout_fraction=0.3 --set checkpoint_every=0)
+
+experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/results/NAME
+  local name=$1 start=$SECONDS; shift
+  python -m fedlora_jax.cli compare "$@" --output-dir "runs/protocol_$name"
+  local src="runs/protocol_$name" dst="docs/results/protocol_$name"
+  mkdir -p "$dst"
+  cp "$src"/{tuning,summary,paired}.{csv,md} "$src"/accuracy_vs_{clock,round}.png \
+     "$src"/protocol.json "$dst"/
+  gzip -c "$src/metrics.jsonl" > "$dst/metrics.jsonl.gz"
+  gzip -c "$src/tuning.jsonl" > "$dst/tuning.jsonl.gz"
+  echo "host run time $((SECONDS - start)) s (finished runs reused count as 0), $(date -u +%F)," \
+       "$(nproc)-core CPU, no accelerator" > "$dst/host_time.txt"
+}
+
+SELECTED=("$@")
+want() { [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]; }
+if want tiny_adamw; then
+  experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
+fi
+if want tiny_sgd; then
+  experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,hetlora \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
+fi
