@@ -22,6 +22,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -52,9 +53,10 @@ def model_dirs(tmp: str) -> dict[str, str]:
     return {"minilm-l6": str(minilm_path()), "tiny-d64": tiny}
 
 
-def client_batches(vocab: int, clients: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+def client_batches(vocab: int, clients: int, steps: int, seed: int = 0, batch: int = BATCH,
+                   seq: int = SEQ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shape = (clients, steps, BATCH, SEQ)
+    shape = (clients, steps, batch, seq)
     return {"input_ids": rng.integers(1000 if vocab > 2000 else 1, vocab, shape).astype(np.int32),
             "attention_mask": np.ones(shape, np.int32),
             "labels": rng.integers(0, LABELS, shape[:3]).astype(np.int32)}
@@ -68,22 +70,33 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 
 class TorchFederation:
-    """The PyTorch + PEFT reference: clients trained one after another from the global adapter."""
+    """The PyTorch + PEFT reference: clients trained one after another from the global adapter.
+    ``causal``: a decoder trained on next-token prediction (LoRA on q_proj/v_proj), else a
+    BERT classifier (LoRA on query/value + the head); ``device`` and ``dtype`` of the model."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, causal: bool = False, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         import peft
 
-        model = transformers.BertForSequenceClassification.from_pretrained(
-            path, num_labels=LABELS, local_files_only=True)
-        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                              target_modules=["query", "value"])
-        self.peft = peft
-        self.model = peft.get_peft_model(model, cfg).train()
+        if causal:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=2 * RANK,
+                                  lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        else:
+            model = transformers.BertForSequenceClassification.from_pretrained(
+                path, num_labels=LABELS, local_files_only=True)
+            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=2 * RANK,
+                                  lora_dropout=0.0, target_modules=["query", "value"])
+        self.peft, self.causal, self.device = peft, causal, device
+        self.model = peft.get_peft_model(model.to(device=device, dtype=dtype), cfg).train()
         self.global_state = {k: v.clone() for k, v in
                              peft.get_peft_model_state_dict(self.model).items()}
 
     def round(self, batches: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        data = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batches.items()}
+        data = {k: torch.from_numpy(v.astype(np.int64)).to(self.device)
+                for k, v in batches.items()}
+        if self.causal:  # next-token prediction (transformers shifts the labels)
+            data["labels"] = data["input_ids"]
         total = {k: torch.zeros_like(v) for k, v in self.global_state.items()}
         for c in range(data["labels"].shape[0]):
             self.peft.set_peft_model_state_dict(self.model, self.global_state)
@@ -102,29 +115,36 @@ class TorchFederation:
         return total
 
 
-def jax_model(path: str):
-    model, _, _ = load_pretrained(path, task="classification", num_labels=LABELS)
-    apply_lora(model, LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("query", "value"),
-                                 modules_to_save=("classifier",)), rngs=nnx.Rngs(1))
+def jax_model(path: str, causal: bool = False, dtype=jnp.float32):
+    """The same model in fedlora_jax, with the same adapters as :class:`TorchFederation`."""
+    if causal:
+        model, _, _ = load_pretrained(path, task="causal_lm", dtype=dtype)
+        lora = LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("q_proj", "v_proj"),
+                          modules_to_save=())
+    else:
+        model, _, _ = load_pretrained(path, task="classification", num_labels=LABELS, dtype=dtype)
+        lora = LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("query", "value"),
+                          modules_to_save=("classifier",))
+    apply_lora(model, lora, rngs=nnx.Rngs(1))
     return model
 
 
-def step_gflop(model, batch: dict[str, np.ndarray]) -> float:
+def step_gflop(model, batch: dict[str, np.ndarray], loss_fn=classification_loss) -> float:
     """XLA's FLOP count of one local step's forward and backward pass (one client, one batch)."""
     graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
-    grad = jax.jit(jax.grad(lambda t, b: classification_loss(nnx.merge(graphdef, t, rest), b)[0]))
+    grad = jax.jit(jax.grad(lambda t, b: loss_fn(nnx.merge(graphdef, t, rest), b)[0]))
     cost = grad.lower(trainable, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) / 1e9
 
 
-def jax_engine(model, batches: dict[str, np.ndarray], steps: int,
-               block_size: int | None) -> FederatedEngine:
-    clients = batches["labels"].shape[0]
-    flat = {k: v.reshape(clients * steps * BATCH, *v.shape[3:]) for k, v in batches.items()}
-    pool = ClientPool.from_partition(flat, np.split(np.arange(clients * steps * BATCH), clients))
-    return FederatedEngine(split_model(model), pool, classification_loss,
-                           client=ClientConfig(steps, BATCH),
+def jax_engine(model, batches: dict[str, np.ndarray], steps: int, block_size: int | None,
+               loss_fn=classification_loss) -> FederatedEngine:
+    clients, _, batch = batches["input_ids"].shape[:3]
+    flat = {k: v.reshape(clients * steps * batch, *v.shape[3:]) for k, v in batches.items()}
+    pool = ClientPool.from_partition(flat, np.split(np.arange(clients * steps * batch), clients))
+    return FederatedEngine(split_model(model), pool, loss_fn,
+                           client=ClientConfig(steps, batch),
                            client_optimizer=OptimizerConfig("adamw", LR),
                            federation=FederationConfig(sampling="full", chunk_size=clients,
                                                        block_size=block_size, devices=1))
