@@ -205,6 +205,7 @@ def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, block_siz
 
 
 def _initial_state(optimizer, aggregator: Aggregator, trainable, weights, seed) -> ServerState:
+    """Round 0: the global trainables, a fresh server optimizer and the aggregator's state."""
     return ServerState(trainable=trainable, opt_state=optimizer.init(trainable),
                        round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
                        clock=jnp.zeros((), jnp.float32),
