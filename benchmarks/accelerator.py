@@ -104,6 +104,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak (data sheet), for the MFU")
     args = p.parse_args(argv)
+    if jax.default_backend() == "cpu" and "llama-1b" in args.models:
+        p.error("llama-1b needs an accelerator and JAX sees only the CPU; check the script on a "
+                "CPU with --models llama-tiny --quick")
     clients, steps, repeats = (4, 2, 3) if args.quick else (8, 4, 5)
     matmul_peak = matmul_peak_tflops(2048 if jax.default_backend() == "cpu" else 8192)
     print(f"{jax.devices()[0].device_kind}: bf16 matmul {matmul_peak:.3g} TFLOP/s measured, "
