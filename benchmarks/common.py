@@ -1,5 +1,6 @@
-"""What every benchmark script shares: its command line (``--quick``, ``--json PATH``), best-of-N
-timing, the machine's measured matmul peak, and its rows tagged with the machine and written as JSON.
+"""What every benchmark script shares: its command line (``--quick``, ``--json PATH``), interleaved
+best-of-N timing with its spread, the load average, the machine's measured matmul peak, and its
+rows tagged with the machine and written as JSON.
 
 jax is imported inside the functions that use it, so a script may set ``XLA_FLAGS`` after
 importing this module (``device_scaling.py`` splits the CPU into host devices)."""
@@ -11,6 +12,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 
 def machine() -> dict:
@@ -40,18 +44,42 @@ def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
     return p
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` calls after one warm-up (compile) call; JAX
-    results are waited for, other results (e.g. torch tensors) pass through."""
+def interleaved_times(fns: dict[str, Callable], repeats: int) -> dict[str, np.ndarray]:
+    """Wall times of every ``fns[name]()`` over ``repeats`` rounds, after one warm-up (compile)
+    call each. Each round calls every function once (a, b, a, b, ...), so on a shared machine all
+    sides see the same load. JAX results are waited for; others (e.g. torch tensors) pass through."""
     import jax
 
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    return float(interleaved_times({"fn": fn}, repeats)["fn"].min())
+
+
+def spread(seconds: np.ndarray) -> dict[str, float]:
+    """``min`` (the figure a benchmark reports), ``median`` and ``max`` of repeated wall times."""
+    return {"min": float(np.min(seconds)), "median": float(np.median(seconds)),
+            "max": float(np.max(seconds))}
+
+
+def fmt_spread(seconds: dict[str, float], scale: float = 1e3) -> str:
+    """``min/median/max`` in milliseconds (by default), for a printed table."""
+    return "/".join(f"{seconds[k] * scale:.3g}" for k in ("min", "median", "max"))
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average, recorded next to every figure (a shared machine)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

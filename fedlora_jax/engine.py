@@ -151,7 +151,8 @@ def client_mesh(devices: int | None = None) -> Mesh:
 
 def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
     """Validates a client mesh against the config; returns the chunk size padded to a multiple of
-    the mesh's device count."""
+    the mesh's device count. A chunk below a device count the config asks for is an error; with
+    ``devices`` unset it is padded up to the mesh, so the visible devices never break a config."""
     if mesh.axis_names != (CLIENTS,):
         raise ValueError(f"The mesh has axes {mesh.axis_names}; the engine shards clients over a "
                          f"one-axis mesh named {CLIENTS!r}: jax.make_mesh((n,), ({CLIENTS!r},)).")
@@ -159,7 +160,7 @@ def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
     if devices is not None and devices != size:
         raise ValueError(f"The mesh has {size} device(s) but federation.devices={devices}; "
                          "pass a matching mesh or leave federation.devices unset.")
-    if chunk_size < size:
+    if devices is not None and chunk_size < size:
         raise ValueError(f"federation.chunk_size={chunk_size} is below the {size} devices of the "
                          f"mesh: every device needs at least one client per chunk; use a multiple "
                          f"of {size} or fewer devices.")
@@ -201,6 +202,14 @@ def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, block_siz
                **jax.vmap(aggregator.report)(starts, deltas, sketches)}
     metrics = jax.tree.map(lambda m: jax.lax.psum(jnp.where(valid, m, 0).sum(), CLIENTS), metrics)
     return acc, agg_clients, jax.tree.map(gather, reports), metrics
+
+
+def _initial_state(optimizer, aggregator: Aggregator, trainable, weights, seed) -> ServerState:
+    """Round 0: the global trainables, a fresh server optimizer and the aggregator's state."""
+    return ServerState(trainable=trainable, opt_state=optimizer.init(trainable),
+                       round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
+                       clock=jnp.zeros((), jnp.float32),
+                       agg=aggregator.init_state(trainable, weights))
 
 
 def _server_step(optimizer, aggregator: Aggregator, state: ServerState, acc, round_time
@@ -257,6 +266,8 @@ class FederatedEngine:
                           out_specs=(rep, rep, rep, rep)),
             in_shardings=tuple(jax.NamedSharding(self.mesh, spec) for spec in specs),
             donate_argnums=(4, 6))
+        self._init = jax.jit(functools.partial(_initial_state, self._server_opt, self.aggregator),
+                             out_shardings=self._replicated)  # fresh buffers: the state's are donated
         self._server = jax.jit(functools.partial(_server_step, self._server_opt, self.aggregator),
                                donate_argnames=("state",))
         self._clock = clock
@@ -278,13 +289,10 @@ class FederatedEngine:
         return ratio_to_rank(np.full(self.num_clients, self.cfg.sketch_ratio), self.rank)
 
     def init(self, seed: int | None = None) -> ServerState:
-        seed = self.cfg.seed if seed is None else seed
-        trainable = jax.tree.map(jnp.copy, self.parts.trainable)  # the state's buffers are donated
-        state = ServerState(trainable=trainable, opt_state=self._server_opt.init(trainable),
-                            round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
-                            clock=jnp.zeros((), jnp.float32),
-                            agg=self.aggregator.init_state(trainable, self.pool.weights))
-        return jax.device_put(state, self._replicated)  # as every round leaves it: no retrace
+        """The first round's state, replicated over the mesh as every round leaves it (no retrace);
+        built by a compiled function, which is how every process of a multi-host job gets it."""
+        return self._init(self.parts.trainable, self.pool.weights,
+                          self.cfg.seed if seed is None else seed)
 
     def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
         """The compiled chunk step of this run (its ``memory_analysis()`` is a chunk's memory)."""
@@ -319,10 +327,11 @@ class FederatedEngine:
         acc, clients = self._zero_sums(state), state.agg.clients
         q_dev, k_dev = jax.device_put((q_incl, k), self._replicated)
         reports, totals = [], {}
-        for chunk_ids, chunk_valid in zip(ids, valid):
+        by_client = jax.NamedSharding(self.mesh, jax.P(CLIENTS))  # may span other processes
+        for chunk in zip(ids, valid):
             acc, clients, chunk_reports, metrics = self._chunk(
                 self.parts.base, state.trainable, self.parts.sketch, self.pool, acc,
-                state.agg.server, clients, chunk_ids, chunk_valid, q_dev, k_dev, k_train)
+                state.agg.server, clients, *jax.device_put(chunk, by_client), q_dev, k_dev, k_train)
             reports.append(chunk_reports)  # stays on device: no host sync between chunks
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
         times = ({"total": jnp.float32(0.0)} if self._clock is None else self._clock(mask, k_dev))

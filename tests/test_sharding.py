@@ -74,12 +74,13 @@ def test_sharded_run_compiles_once(sharded):
 def test_bad_meshes_raise_clear_errors(sharded, pool):
     assert "chunk_size=3 is below the 8 devices" in str(sharded["error_small_chunk"])
     assert "mesh has 2 device(s) but federation.devices=4" in str(sharded["error_mesh_mismatch"])
-    parts = _perturbed_parts()
-    with pytest.raises(ValueError, match="only 1 .* device"):
+    parts, visible = _perturbed_parts(), jax.device_count()  # whatever XLA_FLAGS asked for
+    with pytest.raises(ValueError, match=f"only {visible} .* device"):
         FederatedEngine(parts, pool, classification_loss,
-                        federation=FederationConfig(devices=jax.device_count() + 1))
+                        federation=FederationConfig(devices=visible + 1))
     with pytest.raises(ValueError, match="named 'clients'"):
-        FederatedEngine(parts, pool, classification_loss, mesh=jax.make_mesh((1,), ("data",)))
+        FederatedEngine(parts, pool, classification_loss,
+                        mesh=jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
     with pytest.raises(ValueError, match="devices must be a positive integer"):
         FederationConfig(devices=0)
 
@@ -87,4 +88,7 @@ def test_bad_meshes_raise_clear_errors(sharded, pool):
 def test_chunk_is_padded_to_a_multiple_of_the_devices():
     mesh = client_mesh()
     assert mesh.axis_names == ("clients",) and mesh.devices.size == jax.device_count()
-    assert check_mesh(mesh, None, 5) == 5  # one device: any chunk size
+    n = mesh.devices.size
+    assert check_mesh(client_mesh(1), 1, 5) == 5  # one device: any chunk size
+    assert check_mesh(mesh, None, 2 * n + 1) == 3 * n
+    assert check_mesh(mesh, None, 1) == n  # devices unset: a small chunk is padded, not refused
