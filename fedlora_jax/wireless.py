@@ -550,6 +550,23 @@ def expected_max_exact(t: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.sum(t * q * survive)
 
 
+def expected_round_time_exact(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array,
+                              adaptive: bool = True, batch_size: int = 1024) -> jax.Array:
+    """Exact ``E[T]`` by enumerating all ``2^N`` participant sets (``N <= 16``; for tests).
+
+    ``E[T] = sum_P T(P) prod_{n in P} q_n prod_{n not in P} (1 - q_n)``: multilinear in ``q``, so
+    ``dE[T]/dq_n = E[T | n in] - E[T | n out]`` exactly, at the bounds too.
+    """
+    n = q.shape[0]
+    _require(n <= 16, "num_clients", n, "enumerate at most 16 clients; use expected_round_time_mc above")
+    masks = (jnp.arange(2 ** n)[:, None] >> jnp.arange(n)) & 1 == 1
+    one = (lambda m: adaptive_round_time(times, m, bandwidth_hz)) if adaptive else (
+        lambda m: equal_round_time(times, m, bandwidth_hz))
+    t = jax.lax.map(one, masks, batch_size=min(batch_size, 2 ** n))
+    prob = jnp.prod(jnp.where(masks, q, 1.0 - q), axis=1)
+    return jnp.sum(prob * t)
+
+
 def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
                                iters: int = 60) -> jax.Array:
     """The naive surrogate: ``T`` with expected demand ``sum_n q_n b_n(T) = Bw``.
@@ -562,43 +579,71 @@ def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     return adaptive_round_time(scaled, jnp.ones(q.shape, bool), bandwidth_hz, iters)
 
 
-def _normal_cdf(z: jax.Array) -> jax.Array:
-    return 0.5 * jax.scipy.special.erfc(-z / jnp.sqrt(2.0))
+EXACT_DEMANDS = 2  # the largest demands the normal surrogate sums exactly (a 2^K mixture of normals)
+
+
+@struct.dataclass
+class _CdfParts:
+    """``P(T <= tau) ~ prod(1 - must_absent) sum_s weight_s Phi(z_s)`` at one ``tau``.
+
+    ``must_absent``: ``q_n`` for each client whose demand alone overflows the band (0 for the
+    others), (N,); ``weight``, ``z``: the ``2^K`` presence patterns of the ``K`` largest
+    remaining demands (their probabilities, and the standardized slack the rest leave in the band).
+    """
+
+    must_absent: jax.Array
+    weight: jax.Array
+    z: jax.Array
 
 
 def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-               newton_steps: int) -> tuple[jax.Array, jax.Array]:
-    """``(log A, z)`` with ``P(T <= tau) ~ A Phi(z)``: ``A`` the probability that every client whose
-    demand alone overflows the band is absent, ``z`` the others' standardized slack in the band."""
+               newton_steps: int, exact_demands: int) -> _CdfParts:
     slack = tau - times.floor
     b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
                   / bandwidth_hz, jnp.inf)
     feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
     b = jnp.where(feasible, b, 0.0)
-    log_absent = jnp.sum(jnp.where(feasible, 0.0, jnp.log1p(-q)))
-    z = (1.0 - jnp.sum(q * b)) / jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
-    return log_absent, z
+    must_absent = jnp.where(feasible, 0.0, q)
+    k = min(exact_demands, q.shape[0])
+    top_b, top = jax.lax.top_k(b, k)  # the largest demands, summed exactly
+    top_q = jnp.where(top_b > 0, q[top], 0.0)
+    rest = jnp.ones_like(b).at[top].set(0.0)
+    mean = jnp.sum(rest * q * b)
+    sd = jnp.sqrt(jnp.sum(rest * q * (1.0 - q) * b * b) + 1e-12)
+    present = (jnp.arange(2 ** k)[:, None] >> jnp.arange(k)) & 1 == 1  # (2^K, K) patterns
+    weight = jnp.prod(jnp.where(present, top_q, 1.0 - top_q), axis=1)
+    z = (1.0 - mean - present @ top_b) / sd
+    return _CdfParts(must_absent=must_absent, weight=weight, z=z)
 
 
 def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-                          newton_steps: int = 1) -> jax.Array:
+                          newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS) -> jax.Array:
     """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
 
-    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``; clients whose floor is at or above ``tau``
-    or whose demand alone exceeds ``Bw`` must be absent (the product), the others' Bernoulli demands
-    are summed as a normal law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. The normal
-    law jumps where a demand crosses ``Bw``: small jumps, but see docs/method.md on gradients.
+    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. Clients whose floor is at or above ``tau``
+    or whose demand alone exceeds ``Bw`` must be absent (an exact product); the ``exact_demands``
+    largest other demands are summed exactly (a mixture over their presence), the rest as a normal
+    law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. Both exact parts are multilinear
+    in their ``q``, so the derivative in ``q_n`` stays finite and right at ``q_n = 1`` for them
+    (where a normal law has no variance left to move); the product is taken directly, not as
+    ``exp(sum log1p(-q))``, whose derivative is ``0 * inf`` there.
     """
-    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps)
-    return jnp.exp(log_absent) * _normal_cdf(z)
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps, exact_demands)
+    mixture = jnp.sum(parts.weight * jax.scipy.special.ndtr(parts.z))
+    return jnp.prod(1.0 - parts.must_absent) * mixture
 
 
-def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array) -> jax.Array:
-    """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation (to
-    ``|z| ~ 13`` in float32; beyond, +-inf, which the caller clips)."""
-    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, 0)
-    absent = jnp.exp(log_absent)
-    return log_absent + jnp.log(_normal_cdf(z)) - jnp.log(-jnp.expm1(log_absent) + absent * _normal_cdf(-z))
+def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
+                  exact_demands: int) -> jax.Array:
+    """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation
+    (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips). Values only."""
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact_demands)
+    log_absent = jnp.sum(jnp.log1p(-parts.must_absent))  # -inf when a client with q = 1 must be absent
+    log_weight = jnp.log(parts.weight)
+    log_f = log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(parts.z))
+    log_1mf = jnp.logaddexp(jnp.log(-jnp.expm1(log_absent)),
+                            log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(-parts.z)))
+    return log_f - log_1mf
 
 
 def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, f_lo: jax.Array,
@@ -619,23 +664,28 @@ def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array
     return lo, hi
 
 
+_SUPPORT_Q_MAX = 0.99  # see _support
+_SPLIT_ITERS = 30  # bisection steps of the split point (+ one implicit Newton step)
 _LOG_ODDS_CLIP = 30.0  # beyond float32's reach; keeps regula falsi's secants finite
 
 
-def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
-             iters: int) -> tuple[jax.Array, jax.Array]:
+def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float, iters: int,
+             exact_demands: int) -> tuple[jax.Array, jax.Array]:
     """A range ``[a, b]`` of ``tau`` where ``F`` rises from ``p0 + tail`` to ``1 - tail`` (``p0``:
     the probability of the empty round) (regula falsi in the log-odds of ``F`` over ``log(tau - lo)``).
 
     Exact facts bound it: below the smallest floor ``lo`` only the empty round has finished, and
-    every round has by the full set's equal-split time. The outer ends of the two brackets are
-    returned, so the range errs on the wide side. No gradient: the integrand is flat outside.
+    every round has by the equal-split time of all clients that can take part (``q > 0``). The
+    outer ends of the two brackets are returned, so the range errs on the wide side. No gradient:
+    the integrand is flat outside.
     """
-    times, q = jax.lax.stop_gradient((times, q))
+    # q is capped below 1 so that the range also holds the rounds a client at q = 1 would shorten
+    # by leaving: where the one-sided derivative in its q lives.
+    times, q = jax.lax.stop_gradient((times, jnp.minimum(q, _SUPPORT_Q_MAX)))
     p0 = jnp.prod(1.0 - q)
-    lo = jnp.min(times.floor)
-    width = equal_round_time(times, jnp.ones(q.shape, bool), bandwidth_hz) - lo
-    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s)),
+    lo = jnp.min(jnp.where(q > 0, times.floor, jnp.inf))
+    width = equal_round_time(times, q > 0, bandwidth_hz) - lo
+    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s), exact_demands),
                               -_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
     s_lo, s_hi = jnp.log(width) + jnp.log(jnp.finfo(width.dtype).eps), jnp.log(width)
     o_lo, o_hi = odds(s_lo), odds(s_hi)
@@ -654,21 +704,35 @@ def _gauss_legendre(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (x + 1.0), 0.5 * w
 
 
-def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, num_points: int = 24,
-                               tail: float = 1e-4, iters: int = 12) -> jax.Array:
-    """``E[T] = int_0^inf (1 - P(T <= tau)) dtau`` with the normal-approximation CDF ``F``.
+def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array,
+                               num_points: int = 24, tail: float = 1e-4, iters: int = 12,
+                               min_round_s: float | jax.Array = 0.0,
+                               exact_demands: int = EXACT_DEMANDS) -> jax.Array:
+    """``E[max(T, m)] = m + int_m^inf (1 - P(T <= tau)) dtau`` with the CDF ``F`` of
+    :func:`round_time_cdf_normal` (``m = min_round_s``: no round, empty ones included, is shorter).
 
-    ``(1 - p0) a + int_a^b (1 - F)``: :func:`_support` finds ``[a, b]`` (``iters`` regula falsi
-    steps), and Gauss-Legendre on ``num_points`` nodes integrates it, the inverse rate law read from
-    its table. Smooth in ``q`` and ``rho``; exact as ``q -> 1``.
+    Below the range ``[a, b]`` from :func:`_support` (``iters`` regula falsi steps) ``1 - F`` is the
+    probability ``1 - p0`` that anyone takes part. The range is split at the round time ``c`` of
+    every client that can take part (``q > 0``), where ``F`` steps up as ``q -> 1``:
+    ``int_a^b (1 - F) = (c - a) - int_a^c F + int_c^b (1 - F)``, each piece by Gauss-Legendre on
+    ``num_points`` nodes (the inverse rate law read from its table). ``c`` carries exact
+    (implicit-function) gradients, so ``E[T]`` and its gradient are exact at ``q = 1``. Clients
+    with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`).
     """
-    a, b = _support(times, q, bandwidth_hz, tail, iters)
+    a, b = _support(times, q, bandwidth_hz, tail, iters, exact_demands)
+    m = jnp.asarray(min_round_s, a.dtype)
+    lo, hi = jnp.maximum(a, m), jnp.maximum(b, m)
+    c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, iters=_SPLIT_ITERS), lo, hi)
     x, w = (jnp.asarray(v, a.dtype) for v in _gauss_legendre(num_points))
+    nodes = jnp.concatenate([lo + (c - lo) * x, c + (hi - c) * x])
+    weights = jnp.concatenate([(c - lo) * w, (hi - c) * w])  # int_lo^c (0 - F) + int_c^hi (1 - F)
+    above = jnp.arange(2 * num_points) >= num_points
 
     @jax.checkpoint  # one node at a time, recomputed in the backward pass: (N,) arrays stay in cache
     def add_node(acc, node):
-        tau, weight = node
-        return acc + weight * (1.0 - round_time_cdf_normal(times, q, bandwidth_hz, tau, 0)), None
+        tau, weight, up = node
+        cdf = round_time_cdf_normal(times, q, bandwidth_hz, tau, 0, exact_demands)
+        return acc + weight * (jnp.where(up, 1.0, 0.0) - cdf), None
 
-    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (a + (b - a) * x, w))
-    return (1.0 - jnp.prod(1.0 - q)) * a + (b - a) * integral
+    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, above))
+    return m + (1.0 - jnp.prod(1.0 - q)) * (lo - m) + (c - lo) + integral
