@@ -298,13 +298,61 @@ def payload_bits(workload: WorkloadModel, rho: jax.Array) -> jax.Array:
     return rho * workload.payload_bits_full_rank
 
 
+@struct.dataclass
+class ClientArrays:
+    """The low-level, per-client form of the time model, (N,) each, for a user's own network data.
+
+    Compute seconds ``compute_s + rho * compute_per_rho_s`` and upload bits
+    ``bits + rho * bits_per_rho`` are affine in the sketch ratio (the sketched LoRA part scales
+    with ``rho``, the rest does not); ``snr_bw`` is ``c = p h / N0`` in Hz (the SNR per Hz of
+    band). :func:`client_arrays` builds them from a profile; any dtype (float64 under x64).
+    """
+
+    compute_s: jax.Array
+    compute_per_rho_s: jax.Array
+    bits: jax.Array
+    bits_per_rho: jax.Array
+    snr_bw: jax.Array
+
+    def times(self, rho: jax.Array) -> ClientTimes:
+        """:class:`ClientTimes` at sketch ratios ``rho`` (N,)."""
+        return ClientTimes(compute=self.compute_s + rho * self.compute_per_rho_s,
+                           bits=self.bits + rho * self.bits_per_rho, snr_bw=self.snr_bw)
+
+
+def validate_client_arrays(clients: ClientArrays) -> None:
+    """Raise ValueError naming the field if a value is missing, negative, or the shapes differ."""
+    if not _is_concrete(clients):
+        return
+    n = np.shape(clients.snr_bw)[0] if np.ndim(clients.snr_bw) == 1 else None
+    _require(n is not None, "ClientArrays.snr_bw.shape", np.shape(clients.snr_bw), "give one value per client")
+    for field in dataclasses.fields(clients):
+        x = np.asarray(getattr(clients, field.name))
+        _require(x.shape == (n,), f"ClientArrays.{field.name}.shape", x.shape, f"give one value per client ({n})")
+        _require(np.isfinite(x) & (x >= 0), f"ClientArrays.{field.name}",
+                 f"NaN/inf/negative at clients {np.flatnonzero(~(np.isfinite(x) & (x >= 0)))[:5].tolist()}",
+                 "give finite values >= 0")
+    _require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients", "every client needs p h / N0 > 0")
+    _require(np.asarray(clients.bits + clients.bits_per_rho) > 0, "ClientArrays.bits + bits_per_rho",
+             "zero at some clients", "every client uploads > 0 bits at rho = 1")
+
+
+def client_arrays(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel) -> ClientArrays:
+    """The profile API in array form: ``H F_base / f`` and ``H F_lora / f`` seconds, the sketched
+    adapter's bits, and ``p h / N0`` (:func:`compute_time`, :func:`payload_bits`)."""
+    f = profile.flops_per_s
+    compute_s = compute_time(f, workload, jnp.zeros_like(f))
+    bits = payload_bits(workload, jnp.zeros_like(f))
+    return ClientArrays(compute_s=compute_s, compute_per_rho_s=compute_time(f, workload, jnp.ones_like(f)) - compute_s,
+                        bits=bits, bits_per_rho=payload_bits(workload, jnp.ones_like(f)) - bits,
+                        snr_bw=(profile.power_w * profile.gain / sys.noise_w_per_hz).astype(f.dtype))
+
+
 def client_times(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel,
                  rho: jax.Array) -> ClientTimes:
     """Per-client compute time, upload bits and SNR-bandwidth at sketch ratios ``rho`` (N,)."""
     rho = jnp.broadcast_to(rho, profile.flops_per_s.shape).astype(profile.flops_per_s.dtype)
-    return ClientTimes(compute=compute_time(profile.flops_per_s, workload, rho),
-                       bits=payload_bits(workload, rho),
-                       snr_bw=profile.power_w * profile.gain / sys.noise_w_per_hz)
+    return client_arrays(profile, sys, workload).times(rho)
 
 
 # The rate law in the SNR u = c / b. h(u) = 1 - log1p(u)/u; upload time = D_min / (1 - h).
@@ -575,20 +623,23 @@ def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     Kept as the reference the closed form of :mod:`fedlora_jax.solver` is derived for.
     """
     # A client with bits and SNR-bandwidth both scaled by q has the same floor and needs q b_n(T).
+    # Clients with q = 0 never take part (the solver's padding).
+    on = q > 0
+    q = jnp.where(on, q, 1.0)
     scaled = ClientTimes(compute=times.compute, bits=times.bits * q, snr_bw=times.snr_bw * q)
-    return adaptive_round_time(scaled, jnp.ones(q.shape, bool), bandwidth_hz, iters)
+    return adaptive_round_time(scaled, on, bandwidth_hz, iters)
 
 
-EXACT_DEMANDS = 2  # the largest demands the normal surrogate sums exactly (a 2^K mixture of normals)
+EXACT_DEMANDS = 2  # the slowest clients the normal surrogate sums exactly (a 2^K mixture of normals)
 
 
 @struct.dataclass
 class _CdfParts:
     """``P(T <= tau) ~ prod(1 - must_absent) sum_s weight_s Phi(z_s)`` at one ``tau``.
 
-    ``must_absent``: ``q_n`` for each client whose demand alone overflows the band (0 for the
-    others), (N,); ``weight``, ``z``: the ``2^K`` presence patterns of the ``K`` largest
-    remaining demands (their probabilities, and the standardized slack the rest leave in the band).
+    ``must_absent``: ``q_n`` for each other client whose demand alone overflows the band (0 for
+    the rest), (N,); ``weight``, ``z``: the ``2^K`` presence patterns of the ``K`` exactly summed
+    clients (their probabilities, and the standardized slack the others leave in the band).
     """
 
     must_absent: jax.Array
@@ -596,48 +647,66 @@ class _CdfParts:
     z: jax.Array
 
 
-def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-               newton_steps: int, exact_demands: int) -> _CdfParts:
-    slack = tau - times.floor
-    b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
-                  / bandwidth_hz, jnp.inf)
-    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
-    b = jnp.where(feasible, b, 0.0)
-    must_absent = jnp.where(feasible, 0.0, q)
+def _exact_clients(times: ClientTimes, q: jax.Array, exact_demands: int) -> jax.Array:
+    """Indices of the ``exact_demands`` clients with the largest floors among those with ``q > 0``:
+    the slowest, whose presence moves the round time most. Fixed over ``tau``, so the mixture
+    never swaps clients as ``tau`` moves."""
     k = min(exact_demands, q.shape[0])
-    top_b, top = jax.lax.top_k(b, k)  # the largest demands, summed exactly
-    top_q = jnp.where(top_b > 0, q[top], 0.0)
-    rest = jnp.ones_like(b).at[top].set(0.0)
-    mean = jnp.sum(rest * q * b)
-    sd = jnp.sqrt(jnp.sum(rest * q * (1.0 - q) * b * b) + 1e-12)
-    present = (jnp.arange(2 ** k)[:, None] >> jnp.arange(k)) & 1 == 1  # (2^K, K) patterns
+    return jax.lax.top_k(jnp.where(q > 0, jax.lax.stop_gradient(times.floor), -jnp.inf), k)[1]
+
+
+def _demand(times: ClientTimes, bandwidth_hz, tau: jax.Array, newton_steps: int) -> jax.Array:
+    """Each client's share of the band to finish by ``tau``; ``+inf`` at or below its floor."""
+    slack = tau - times.floor
+    b = bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
+    return jnp.where(slack > 0, b / bandwidth_hz, jnp.inf)
+
+
+def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
+               newton_steps: int, exact: jax.Array) -> _CdfParts:
+    is_exact = jnp.zeros(q.shape, bool).at[exact].set(True)
+    b = _demand(times, bandwidth_hz, tau, newton_steps)
+    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
+    normal = feasible & ~is_exact
+    b = jnp.where(normal, b, 0.0)
+    must_absent = jnp.where(feasible | is_exact, 0.0, q)
+    mean = jnp.sum(q * b)
+    sd = jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
+    top_b = _demand(jax.tree.map(lambda x: x[exact], times), bandwidth_hz, tau, newton_steps)
+    top_q = q[exact]
+    present = (jnp.arange(2 ** exact.shape[0])[:, None] >> jnp.arange(exact.shape[0])) & 1 == 1
     weight = jnp.prod(jnp.where(present, top_q, 1.0 - top_q), axis=1)
-    z = (1.0 - mean - present @ top_b) / sd
+    taken = jnp.sum(jnp.where(present, top_b, 0.0), axis=1)
+    fits = jnp.isfinite(taken)  # else a present client is at or below its floor: F = 0 (safe where)
+    z = jnp.where(fits, (1.0 - mean - jnp.where(fits, taken, 0.0)) / sd, -jnp.inf)
     return _CdfParts(must_absent=must_absent, weight=weight, z=z)
 
 
 def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-                          newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS) -> jax.Array:
+                          newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS,
+                          exact: jax.Array | None = None) -> jax.Array:
     """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
 
-    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. Clients whose floor is at or above ``tau``
-    or whose demand alone exceeds ``Bw`` must be absent (an exact product); the ``exact_demands``
-    largest other demands are summed exactly (a mixture over their presence), the rest as a normal
-    law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. Both exact parts are multilinear
-    in their ``q``, so the derivative in ``q_n`` stays finite and right at ``q_n = 1`` for them
-    (where a normal law has no variance left to move); the product is taken directly, not as
-    ``exp(sum log1p(-q))``, whose derivative is ``0 * inf`` there.
+    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. The ``exact_demands`` slowest clients
+    (``exact``: their indices, default :func:`_exact_clients`) are summed exactly (a mixture over
+    their presence); of the others, those whose floor is at or above ``tau`` or whose demand alone
+    exceeds ``Bw`` must be absent (an exact product), the rest are summed as a normal law with mean
+    ``sum q b`` and variance ``sum q (1 - q) b^2``. Both exact parts are multilinear in their ``q``,
+    so the derivative in ``q_n`` stays finite and right at ``q_n = 1`` for them (where a normal law
+    has no variance left to move); the product is taken directly, not as ``exp(sum log1p(-q))``,
+    whose derivative is ``0 * inf`` at ``q = 1``.
     """
-    parts = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps, exact_demands)
+    exact = _exact_clients(times, q, exact_demands) if exact is None else exact
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps, exact)
     mixture = jnp.sum(parts.weight * jax.scipy.special.ndtr(parts.z))
     return jnp.prod(1.0 - parts.must_absent) * mixture
 
 
 def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-                  exact_demands: int) -> jax.Array:
+                  exact: jax.Array) -> jax.Array:
     """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation
     (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips). Values only."""
-    parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact_demands)
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact)
     log_absent = jnp.sum(jnp.log1p(-parts.must_absent))  # -inf when a client with q = 1 must be absent
     log_weight = jnp.log(parts.weight)
     log_f = log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(parts.z))
@@ -670,7 +739,7 @@ _LOG_ODDS_CLIP = 30.0  # beyond float32's reach; keeps regula falsi's secants fi
 
 
 def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float, iters: int,
-             exact_demands: int) -> tuple[jax.Array, jax.Array]:
+             exact: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A range ``[a, b]`` of ``tau`` where ``F`` rises from ``p0 + tail`` to ``1 - tail`` (``p0``:
     the probability of the empty round) (regula falsi in the log-odds of ``F`` over ``log(tau - lo)``).
 
@@ -685,7 +754,7 @@ def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
     p0 = jnp.prod(1.0 - q)
     lo = jnp.min(jnp.where(q > 0, times.floor, jnp.inf))
     width = equal_round_time(times, q > 0, bandwidth_hz) - lo
-    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s), exact_demands),
+    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s), exact),
                               -_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
     s_lo, s_hi = jnp.log(width) + jnp.log(jnp.finfo(width.dtype).eps), jnp.log(width)
     o_lo, o_hi = odds(s_lo), odds(s_hi)
@@ -719,7 +788,8 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     (implicit-function) gradients, so ``E[T]`` and its gradient are exact at ``q = 1``. Clients
     with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`).
     """
-    a, b = _support(times, q, bandwidth_hz, tail, iters, exact_demands)
+    exact = _exact_clients(times, q, exact_demands)
+    a, b = _support(times, q, bandwidth_hz, tail, iters, exact)
     m = jnp.asarray(min_round_s, a.dtype)
     lo, hi = jnp.maximum(a, m), jnp.maximum(b, m)
     c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, iters=_SPLIT_ITERS), lo, hi)
@@ -731,7 +801,7 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     @jax.checkpoint  # one node at a time, recomputed in the backward pass: (N,) arrays stay in cache
     def add_node(acc, node):
         tau, weight, up = node
-        cdf = round_time_cdf_normal(times, q, bandwidth_hz, tau, 0, exact_demands)
+        cdf = round_time_cdf_normal(times, q, bandwidth_hz, tau, 0, exact=exact)
         return acc + weight * (jnp.where(up, 1.0, 0.0) - cdf), None
 
     integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, above))
