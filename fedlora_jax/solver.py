@@ -1,16 +1,23 @@
 """Joint sampling probabilities and sketch ratios (paper.md section 5).
 
-    min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[T](q, rho)
+    min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[C](q, rho)
 
-with ``V`` from :mod:`fedlora_jax.theory` and ``E[T]`` a smooth surrogate from
+with ``V`` from :mod:`fedlora_jax.theory` and ``E[C] = overhead_s + E[max(T, min_round_s)]`` the
+expected cost of a round, empty rounds included, ``E[.]`` a smooth surrogate from
 :mod:`fedlora_jax.wireless` (the normal-approximation one by default: the most faithful, see
-docs/method.md). The problem is non-convex and its optima sit on the bounds, so we run projected
-gradient descent on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
-with Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform and
-fixed-ratio baselines, full participation and random points, for up to ``multistart_max_clients``
-clients; the uniform baseline alone above -- vmapped, jitted, and mapped over scenarios. ``rho`` is
+docs/method.md). A :class:`Problem` holds per-client arrays (:class:`wireless.ClientArrays`: a
+user's own compute seconds, upload bits and SNR per Hz, or built from a profile by
+:func:`make_problem`), in float32 or float64.
+
+The problem is non-convex and its optima sit on the bounds, so we run projected gradient descent
+on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip) with
+Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform, fixed-ratio and
+full baselines, starts from the problem's structure (everyone at ``q = 1`` or ``q_min``, with the
+slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and random points, vmapped,
+for up to ``multistart_max_clients`` clients; above, from the best of the non-random starts alone. ``rho`` is
 then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
-returned worse than the baselines it started from.
+returned worse than the baselines. Clients are padded to a few bucket sizes, so a sweep over the
+client count compiles once per bucket; the bandwidth and the round cost are traced values.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class SolverConfig:
       baseline_q: the uniform-sampling baseline's probability (clipped to ``[q_min, 1]``).
       baseline_rho: the fixed-ratio (FSLoRA) baseline's sketch ratio, on the grid ``k/r``
         (default: the grid point nearest 1/4).
-      restarts: random starts in addition to the baselines and the structured starts ...
+      restarts: random starts in addition to the 3 baselines and the 8 structured starts ...
       multistart_max_clients: ... descended from up to this many clients; above, only the best of
         the starts (by objective value) is descended (restarts matter most for few clients, and cost
         the most for many).
@@ -291,10 +298,11 @@ def _baselines(n: int, cfg: SolverConfig, dtype) -> dict[str, tuple[jax.Array, j
 
 
 def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
-    """Starts from the problem's structure, ``(3, 2, N)`` in ``(log q, log rho)``: everyone at
-    ``q = 1`` with the slow clients sketched down to the floor of the fastest quarter (or half) of
-    the clients at full rank (``rho_n = (tau - T_min_n(0)) / slope_n``, clipped), and the corner
-    ``q = 1``, ``rho = 1/r`` (what power-limited clients in deep fades need)."""
+    """Starts from the problem's structure, ``(8, 2, N)`` in ``(log q, log rho)``: everyone at
+    ``q = 1`` or at ``q_min`` (which is which depends on the round cost), each with four sketch
+    patterns: the slow clients sketched down to the floor of the fastest quarter (or half) of the
+    clients at full rank (``rho_n = (tau - T_min_n(0)) / slope_n``, clipped), everyone at
+    ``rho = 1/r`` (what power-limited clients in deep fades need), everyone at full rank."""
     floor0, floor1 = problem.clients.times(0.0).floor, problem.clients.times(1.0).floor
     ordered = jnp.sort(jnp.where(problem.valid, floor1, jnp.inf))
     count = problem.valid.sum()
@@ -304,8 +312,10 @@ def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
         tau = ordered[jnp.floor(frac * (count - 1)).astype(jnp.int32)]
         return jnp.clip((tau - floor0) / (floor1 - floor0), rho_min, 1.0)
 
-    rhos = jnp.stack([sketch_to(0.25), sketch_to(0.5), jnp.full_like(floor0, rho_min)])
-    return jnp.stack([jnp.zeros_like(rhos), jnp.log(rhos)], axis=1)
+    rhos = jnp.log(jnp.stack([sketch_to(0.25), sketch_to(0.5), jnp.full_like(floor0, rho_min),
+                              jnp.ones_like(floor0)]))
+    log_q = jnp.log(jnp.asarray([1.0, cfg.q_min], rhos.dtype))
+    return jnp.stack([jnp.stack([jnp.full_like(r, lq), r]) for lq in log_q for r in rhos])
 
 
 def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
@@ -320,7 +330,7 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
     if n <= cfg.multistart_max_clients:
         starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
     else:  # one descent, from the best start
-        starts = starts[jnp.argmin(jax.vmap(f)(starts))][None]
+        starts = starts[jnp.argmin(jax.lax.map(f, starts))][None]
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
 
     # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
