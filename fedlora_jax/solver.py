@@ -23,7 +23,6 @@ client count compiles once per bucket; the bandwidth and the round cost are trac
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import chex
@@ -357,8 +356,13 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
 
 
 _solve_jit = jax.jit(_solve_problem, static_argnames="cfg")
-_solve_batch_jit = jax.jit(lambda problems, keys, cfg: jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys)),
-                           static_argnames="cfg")
+
+
+def _solve_scenarios(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
+    return jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys))
+
+
+_solve_batch_jit = jax.jit(_solve_scenarios, static_argnames="cfg")
 
 
 def _unpad(result: SolveResult, n: int) -> SolveResult:

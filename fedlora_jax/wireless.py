@@ -332,7 +332,8 @@ def validate_client_arrays(clients: ClientArrays) -> None:
         _require(np.isfinite(x) & (x >= 0), f"ClientArrays.{field.name}",
                  f"NaN/inf/negative at clients {np.flatnonzero(~(np.isfinite(x) & (x >= 0)))[:5].tolist()}",
                  "give finite values >= 0")
-    _require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients", "every client needs p h / N0 > 0")
+    _require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients",
+             "every client needs p h / N0 > 0")
     _require(np.asarray(clients.bits + clients.bits_per_rho) > 0, "ClientArrays.bits + bits_per_rho",
              "zero at some clients", "every client uploads > 0 bits at rho = 1")
 
