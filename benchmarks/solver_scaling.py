@@ -3,7 +3,7 @@
     python benchmarks/solver_scaling.py --quick --json runs/solver_scaling.json
 
 Rows: num_clients, scenarios, solve_s (after compile), per_scenario_s (solve_s / scenarios: compare
-the batched rows with the single solve of the same size), compile_s, peak_mem_mb (process peak RSS so
+the batched rows with the single solve of the same size), compile_s (first call minus a solve), peak_mem_mb (process peak RSS so
 far), objective and uniform_objective (the uniform baseline's; means over scenarios), scipy_s and
 scipy_objective (L-BFGS-B on the same jitted objective and gradient, one start at the uniform
 baseline, continuous rho; None where skipped as too slow). Goals: N = 10^5 in under 2 s, and 1000
@@ -30,7 +30,7 @@ WORK = wireless.workload_from_counts(125e6, 0.3e6, 4096, 5)
 
 def _problem(key, n):
     prof = wireless.generate_profile(key, n, SYS)
-    return solver.make_problem(prof, SYS, WORK, jnp.ones(n), jnp.full(n, 1.0 / n), float(n), 100.0)
+    return solver.make_problem(prof, SYS, WORK, jnp.ones(n), jnp.full(n, 1.0 / n), float(n), 100.0, overhead_s=0.0)
 
 
 def _peak_mb() -> float:
@@ -57,11 +57,12 @@ def bench(n: int, scenarios: int, cfg: solver.SolverConfig, with_scipy: bool) ->
         problem = jax.vmap(lambda k: _problem(k, n))(keys)
         run, args = solver.solve_batch, (problem, keys, cfg)
     t0 = time.perf_counter()
-    compiled = run.lower(*args).compile()
+    jax.block_until_ready(run(*args))  # compiles (once per client-count bucket)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = jax.block_until_ready(compiled(*args[:-1]))  # cfg is static
+    res = jax.block_until_ready(run(*args))
     solve_s = time.perf_counter() - t0
+    compile_s -= solve_s
     row = {"num_clients": n, "scenarios": scenarios, "solve_s": solve_s, "per_scenario_s": solve_s / scenarios,
            "compile_s": compile_s, "peak_mem_mb": _peak_mb(), "objective": float(jnp.mean(res.objective)),
            "uniform_objective": float(jnp.mean(res.baselines["uniform"]["objective"])),
@@ -75,8 +76,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--sweep", type=int, nargs=3, metavar=("FIRST", "LAST", "STEP"),
+                   help="only solve every client count in range(FIRST, LAST + 1, STEP) and print the "
+                        "number of compilations")
     args = p.parse_args()
-    cfg = solver.SolverConfig()
+    cfg = solver.SolverConfig(rank=8)
+    if args.sweep:
+        sizes = range(args.sweep[0], args.sweep[1] + 1, args.sweep[2])
+        for n in sizes:
+            jax.block_until_ready(solver.solve_problem(_problem(jax.random.key(n), n), jax.random.key(0), cfg).q)
+        print(f"compilations for {len(sizes)} client counts in {args.sweep}: {solver.compile_count()}")
+        return
     if args.quick:
         plan = [(100, 1, True), (1000, 1, False), (10_000, 1, False), (100_000, 1, False), (100, 10, False),
                 (1000, 100, False)]

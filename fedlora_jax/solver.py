@@ -1,22 +1,28 @@
 """Joint sampling probabilities and sketch ratios (paper.md section 5).
 
-    min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[T](q, rho)
+    min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[C](q, rho)
 
-with ``V`` from :mod:`fedlora_jax.theory` and ``E[T]`` a smooth surrogate from
+with ``V`` from :mod:`fedlora_jax.theory` and ``E[C] = overhead_s + E[max(T, min_round_s)]`` the
+expected cost of a round, empty rounds included, ``E[.]`` a smooth surrogate from
 :mod:`fedlora_jax.wireless` (the normal-approximation one by default: the most faithful, see
-docs/method.md). The problem is non-convex and its optima sit on the bounds, so we run projected
-gradient descent on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
-with Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform and
-fixed-ratio baselines, full participation and random points, for up to ``multistart_max_clients``
-clients; the uniform baseline alone above -- vmapped, jitted, and mapped over scenarios. ``rho`` is
+docs/method.md). A :class:`Problem` holds per-client arrays (:class:`wireless.ClientArrays`: a
+user's own compute seconds, upload bits and SNR per Hz, or built from a profile by
+:func:`make_problem`), in float32 or float64.
+
+The problem is non-convex and its optima sit on the bounds, so we run projected gradient descent
+on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip) with
+Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform, fixed-ratio and
+full baselines, starts from the problem's structure (everyone at ``q = 1`` or ``q_min``, with the
+slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and random points, vmapped,
+for up to ``multistart_max_clients`` clients; above, from the best of the non-random starts alone. ``rho`` is
 then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
-returned worse than the baselines it started from.
+returned worse than the baselines. Clients are padded to a few bucket sizes, so a sweep over the
+client count compiles once per bucket; the bandwidth and the round cost are traced values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import chex
@@ -35,29 +41,32 @@ class SolverConfig:
     """Bounds, baselines and numerics of the allocation solver.
 
     Attributes:
+      rank: global LoRA rank ``r`` of the run (required: the grid ``k / r`` depends on it); ``rho``
+        ranges over ``[1/r, 1]`` and is rounded to ``k/r``.
       q_min: smallest sampling probability, in (0, 1].
-      rank: global LoRA rank ``r``; ``rho`` ranges over ``[1/r, 1]`` and is rounded to ``k/r``.
       baseline_q: the uniform-sampling baseline's probability (clipped to ``[q_min, 1]``).
-      baseline_rho: the fixed-ratio (FSLoRA) baseline's sketch ratio, on the grid ``k/r``.
-      restarts: random starts in addition to the three baselines ...
-      multistart_max_clients: ... used up to this many clients; above, only the uniform baseline
-        starts (restarts matter most for few clients, and cost the most for many).
+      baseline_rho: the fixed-ratio (FSLoRA) baseline's sketch ratio, on the grid ``k/r``
+        (default: the grid point nearest 1/4).
+      restarts: random starts in addition to the 3 baselines and the 8 structured starts ...
+      multistart_max_clients: ... descended from up to this many clients; above, only the best of
+        the starts (by objective value) is descended (restarts matter most for few clients, and cost
+        the most for many).
       max_iters: projected-gradient iterations per start (and again for the polish after rounding).
       xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
-      quad_points: Gauss-Legendre nodes of the normal surrogate.
+      quad_points: Gauss-Legendre nodes per piece of the normal surrogate.
       support_iters: regula falsi steps for the normal surrogate's integration range.
       bisect_iters: bisection steps of the demand surrogate's root (float32: 40 is at machine precision).
       seed: PRNG seed of the random starts.
     """
 
+    rank: int
     q_min: float = 0.05
-    rank: int = 8
     baseline_q: float = 0.2
-    baseline_rho: float = 0.25
-    restarts: int = 2
+    baseline_rho: float | None = None
+    restarts: int = 4
     multistart_max_clients: int = 500
-    max_iters: int = 60
+    max_iters: int = 100
     xtol: float = 1e-4
     surrogate: str = "normal"
     quad_points: int = 24
@@ -66,11 +75,13 @@ class SolverConfig:
     seed: int = 0
 
     def __post_init__(self):
+        wireless._require(isinstance(self.rank, int) and self.rank >= 1, "SolverConfig.rank", self.rank,
+                          "give the run's LoRA rank, an int >= 1")
+        rho = self.fixed_ratio
         checks = [
             (0 < self.q_min <= 1, "q_min", self.q_min, "give a probability in (0, 1], e.g. 0.05"),
-            (isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "give the LoRA rank, an int >= 1"),
             (0 < self.baseline_q <= 1, "baseline_q", self.baseline_q, "give a probability in (0, 1]"),
-            (1 / self.rank <= self.baseline_rho <= 1 and float(self.baseline_rho * self.rank).is_integer(),
+            (1 / self.rank <= rho <= 1 and float(rho * self.rank).is_integer(),
              "baseline_rho", self.baseline_rho, f"give k / {self.rank} for an integer 1 <= k <= {self.rank}"),
             (self.restarts >= 0, "restarts", self.restarts, "give a count >= 0"),
             (self.max_iters >= 1, "max_iters", self.max_iters, "give a count >= 1"),
@@ -82,21 +93,34 @@ class SolverConfig:
         for ok, field, value, fix in checks:
             wireless._require(ok, f"SolverConfig.{field}", value, fix)
 
+    @property
+    def fixed_ratio(self) -> float:
+        """The fixed-ratio baseline's ``rho``: ``baseline_rho``, or the grid point nearest 1/4."""
+        return max(1, round(self.rank / 4)) / self.rank if self.baseline_rho is None else self.baseline_rho
+
 
 @struct.dataclass
 class Problem:
-    """One scenario as arrays (stack many on a leading axis for solve_batch): clients are rows."""
+    """One scenario as arrays (stack many on a leading axis for solve_batch): clients are rows.
 
-    flops_per_s: jax.Array  # (N,)
-    snr_bw: jax.Array       # (N,) p h / N0 in Hz
-    g2: jax.Array           # (N,) G_n^2
+    A round costs ``overhead_s + max(T(P), min_round_s)`` seconds for its participants ``P``, empty
+    rounds included (``T`` of the empty set is 0): the objective charges every round it counts.
+    """
+
+    clients: wireless.ClientArrays  # (N,) each: compute seconds and bits affine in rho, p h / N0
+    g2: jax.Array           # (N,) G_n^2, the squared norms of the unsketched updates
     a: jax.Array            # (N,) data weights
+    valid: jax.Array        # (N,) bool; False for the padding, which never takes part
     alpha: jax.Array        # ()
     beta: jax.Array         # ()
-    bandwidth_hz: jax.Array  # ()
-    overhead_s: jax.Array   # () seconds every round adds to the clients' phase (broadcast, server)
-    workload: wireless.WorkloadModel = struct.field(pytree_node=False)
+    bandwidth_hz: jax.Array  # () a traced value: a new bandwidth does not recompile
+    overhead_s: jax.Array   # () seconds every round costs besides the clients (broadcast, server)
+    min_round_s: jax.Array  # () no round, empty ones included, is shorter than this
     law: theory.UpdateLaw = struct.field(pytree_node=False, default=theory.SGD_LAW)  # client optimizer's
+
+    @property
+    def num_clients(self) -> int:
+        return self.a.shape[-1]
 
 
 @struct.dataclass
@@ -105,55 +129,88 @@ class SolveResult:
     rho: jax.Array                  # (N,) on the grid k / r
     k: jax.Array                    # (N,) int
     objective: jax.Array            # J(q, rho)
-    expected_round_time: jax.Array  # E[T] (surrogate)
+    expected_round_time: jax.Array  # E[T] (surrogate), round cost included
     predicted_rounds: jax.Array     # alpha V + beta
     baselines: dict                 # name -> (objective, expected_round_time, predicted_rounds)
 
 
-def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
-                 g2: jax.Array, a: jax.Array, alpha: float, beta: float,
-                 law: theory.UpdateLaw = theory.SGD_LAW, overhead_s: float = 0.0) -> Problem:
-    """Check the inputs (before any expensive work) and pack them as a :class:`Problem`; ``law`` is
-    the clients' :class:`theory.UpdateLaw` (how a sketch changes their updates); ``overhead_s``
-    the seconds every round costs besides the clients' compute and upload (the broadcast of the
-    global adapter, the server's aggregation), added to ``E[T]``."""
-    wireless.validate_profile(profile)
-    n = profile.num_clients
+def make_problem_from_arrays(clients: wireless.ClientArrays, bandwidth_hz: float, g2: jax.Array, a: jax.Array,
+                             alpha: float, beta: float, *, overhead_s: float, min_round_s: float = 0.0,
+                             law: theory.UpdateLaw = theory.SGD_LAW, dtype=jnp.float32) -> Problem:
+    """Check the inputs (before any expensive work) and pack them as a :class:`Problem`.
+
+    ``clients``: per-client :class:`wireless.ClientArrays`; ``g2``: ``G_n^2``; ``law``: the clients'
+    :class:`theory.UpdateLaw`; ``overhead_s``: the seconds every round costs besides the clients'
+    compute and upload (the broadcast of the global adapter, the server's aggregation), charged to
+    empty rounds too; ``min_round_s``: the shortest a round can be. ``dtype=jnp.float64`` needs
+    ``jax.enable_x64``.
+    """
+    wireless.validate_client_arrays(clients)
+    n = np.shape(clients.snr_bw)[0]
     for name, x in (("G2", g2), ("a", a)):
         x = np.asarray(x)
         wireless._require(x.shape == (n,), f"{name}.shape", x.shape, f"give one value per client ({n})")
         wireless._require(np.isfinite(x) & (x >= 0), name, f"min {x.min()}", "values must be finite and >= 0")
-    wireless._require(np.isfinite(alpha) and alpha > 0, "alpha", alpha, "give alpha > 0 (theory.fit_alpha_beta)")
-    wireless._require(np.isfinite(beta) and beta > 0, "beta", beta, "give beta > 0 (theory.fit_alpha_beta)")
-    wireless._require(np.isfinite(overhead_s) and overhead_s >= 0, "overhead_s", overhead_s,
-                      "give the per-round server-side seconds, >= 0")
-    f = jnp.float32
-    return Problem(flops_per_s=jnp.asarray(profile.flops_per_s, f),
-                   snr_bw=jnp.asarray(profile.power_w * profile.gain / sys.noise_w_per_hz, f),
-                   g2=jnp.asarray(g2, f), a=jnp.asarray(a, f), alpha=jnp.asarray(alpha, f),
-                   beta=jnp.asarray(beta, f), bandwidth_hz=jnp.asarray(sys.bandwidth_hz, f),
-                   overhead_s=jnp.asarray(overhead_s, f), workload=workload, law=law)
+    for name, x, fix in (("alpha", alpha, "give alpha > 0 (theory.fit_alpha_beta)"),
+                         ("beta", beta, "give beta > 0 (theory.fit_alpha_beta)"),
+                         ("bandwidth_hz", bandwidth_hz, "give the total bandwidth in Hz, e.g. 10e6")):
+        wireless._require(np.isfinite(x) and x > 0, name, x, fix)
+    for name, x in (("overhead_s", overhead_s), ("min_round_s", min_round_s)):
+        wireless._require(np.isfinite(x) and x >= 0, name, x, "give seconds >= 0")
+    wireless._require(jnp.zeros((), dtype).dtype == jnp.dtype(dtype), "dtype", jnp.dtype(dtype).name,
+                      "float64 needs x64: wrap the call in `with jax.enable_x64(True):`")
+    cast = lambda x: jnp.asarray(x, dtype)
+    return Problem(clients=jax.tree.map(cast, clients), g2=cast(g2), a=cast(a), valid=jnp.ones(n, bool),
+                   alpha=cast(alpha), beta=cast(beta), bandwidth_hz=cast(bandwidth_hz),
+                   overhead_s=cast(overhead_s), min_round_s=cast(min_round_s), law=law)
 
 
-def problem_times(problem: Problem, rho: jax.Array) -> wireless.ClientTimes:
-    return wireless.ClientTimes(compute=wireless.compute_time(problem.flops_per_s, problem.workload, rho),
-                                bits=wireless.payload_bits(problem.workload, rho), snr_bw=problem.snr_bw)
+def make_problem(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
+                 g2: jax.Array, a: jax.Array, alpha: float, beta: float, *, overhead_s: float,
+                 min_round_s: float = 0.0, law: theory.UpdateLaw = theory.SGD_LAW, dtype=jnp.float32) -> Problem:
+    """:func:`make_problem_from_arrays` for a :class:`wireless.SystemProfile` (FLOP/s, power, gain),
+    the system's bandwidth and noise, and a :class:`wireless.WorkloadModel`."""
+    wireless.validate_profile(profile)
+    profile = jax.tree.map(lambda x: jnp.asarray(x, dtype), profile)
+    return make_problem_from_arrays(wireless.client_arrays(profile, sys, workload), sys.bandwidth_hz, g2, a,
+                                    alpha, beta, overhead_s=overhead_s, min_round_s=min_round_s, law=law,
+                                    dtype=dtype)
+
+
+def bucket_size(n: int) -> int:
+    """Padded client count: the next power of two, at least 16 (a sweep over N compiles once per bucket)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def pad_problem(problem: Problem, size: int) -> Problem:
+    """``problem`` with its clients padded to ``size``: copies of client 0 that never take part
+    (``valid`` False, ``a = G^2 = 0``), so the objective is unchanged."""
+    pad = size - problem.num_clients
+    wireless._require(pad >= 0, "pad_problem.size", size, f"give at least the {problem.num_clients} clients")
+    edge = lambda x: jnp.concatenate([x, jnp.repeat(x[..., :1], pad, axis=-1)], axis=-1)
+    zeros = lambda x: jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (pad,), x.dtype)], axis=-1)
+    return problem.replace(clients=jax.tree.map(edge, problem.clients), g2=zeros(problem.g2),
+                           a=zeros(problem.a), valid=zeros(problem.valid))
 
 
 def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> jax.Array:
-    """The configured smooth surrogate of ``E[T](q, rho)``, plus the per-round overhead."""
-    times = problem_times(problem, rho)
+    """The configured smooth surrogate of the expected round cost
+    ``overhead_s + E[max(T, min_round_s)]``; padded clients have ``q = 0``."""
+    times = problem.clients.times(rho)
+    q = jnp.where(problem.valid, q, 0.0)
     if cfg.surrogate == "normal":
-        clients = wireless.expected_round_time_normal(times, q, problem.bandwidth_hz,
-                                                      cfg.quad_points, iters=cfg.support_iters)
+        clients = wireless.expected_round_time_normal(times, q, problem.bandwidth_hz, cfg.quad_points,
+                                                      iters=cfg.support_iters, min_round_s=problem.min_round_s)
     else:
-        clients = wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters)
+        clients = jnp.maximum(wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters),
+                              problem.min_round_s)
     return clients + problem.overhead_s
 
 
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
     """``J``, ``E[T]`` and the rounds ``alpha V + beta`` at ``(q, rho)``."""
-    rounds = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta,
+    keep = lambda x: jnp.where(problem.valid, x, 1.0)  # padding: a = G^2 = 0, and no 1/0
+    rounds = theory.predicted_rounds(keep(q), keep(rho), problem.g2, problem.a, problem.alpha, problem.beta,
                                      law=problem.law)
     time = expected_round_time(problem, q, rho, cfg)
     return {"objective": rounds * time, "expected_round_time": time, "predicted_rounds": rounds}
@@ -233,23 +290,46 @@ def round_rho(rho: jax.Array, rank: int) -> jax.Array:
     return jnp.clip(jnp.round(rho * rank), 1, rank).astype(jnp.int32)
 
 
-def _baselines(n: int, cfg: SolverConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
-    q = jnp.full(n, max(cfg.baseline_q, cfg.q_min))
-    return {"uniform": (q, jnp.ones(n)), "fixed_ratio": (q, jnp.full(n, cfg.baseline_rho)),
-            "full": (jnp.ones(n), jnp.ones(n))}
+def _baselines(n: int, cfg: SolverConfig, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
+    q = jnp.full(n, max(cfg.baseline_q, cfg.q_min), dtype)
+    one = jnp.ones(n, dtype)
+    return {"uniform": (q, one), "fixed_ratio": (q, jnp.full(n, cfg.fixed_ratio, dtype)), "full": (one, one)}
+
+
+def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
+    """Starts from the problem's structure, ``(8, 2, N)`` in ``(log q, log rho)``: everyone at
+    ``q = 1`` or at ``q_min`` (which is which depends on the round cost), each with four sketch
+    patterns: the slow clients sketched down to the floor of the fastest quarter (or half) of the
+    clients at full rank (``rho_n = (tau - T_min_n(0)) / slope_n``, clipped), everyone at
+    ``rho = 1/r`` (what power-limited clients in deep fades need), everyone at full rank."""
+    floor0, floor1 = problem.clients.times(0.0).floor, problem.clients.times(1.0).floor
+    ordered = jnp.sort(jnp.where(problem.valid, floor1, jnp.inf))
+    count = problem.valid.sum()
+    rho_min = 1.0 / cfg.rank
+
+    def sketch_to(frac):
+        tau = ordered[jnp.floor(frac * (count - 1)).astype(jnp.int32)]
+        return jnp.clip((tau - floor0) / (floor1 - floor0), rho_min, 1.0)
+
+    rhos = jnp.log(jnp.stack([sketch_to(0.25), sketch_to(0.5), jnp.full_like(floor0, rho_min),
+                              jnp.ones_like(floor0)]))
+    log_q = jnp.log(jnp.asarray([1.0, cfg.q_min], rhos.dtype))
+    return jnp.stack([jnp.stack([jnp.full_like(r, lq), r]) for lq in log_q for r in rhos])
 
 
 def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
-    n = problem.flops_per_s.shape[0]
+    n, dtype = problem.num_clients, problem.a.dtype
     f = _log_objective(problem, cfg)
-    lo = jnp.log(jnp.stack([jnp.full(n, cfg.q_min), jnp.full(n, 1.0 / cfg.rank)]))
-    hi = jnp.zeros((2, n))
-    base = _baselines(n, cfg)
+    pinned = ~problem.valid  # padding: held at q = rho = 1 (its terms are masked out)
+    lo = jnp.where(pinned, 0.0, jnp.log(jnp.stack([jnp.full(n, cfg.q_min, dtype), jnp.full(n, 1.0 / cfg.rank, dtype)])))
+    hi = jnp.zeros((2, n), dtype)
+    base = _baselines(n, cfg, dtype)
     base_x = jnp.stack([jnp.log(jnp.stack(qr)) for qr in base.values()])
+    starts = jnp.concatenate([base_x, _structured_starts(problem, cfg)])
     if n <= cfg.multistart_max_clients:
-        starts = jnp.concatenate([base_x, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n))])
-    else:
-        starts = base_x[:1]
+        starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
+    else:  # one descent, from the best start
+        starts = starts[jnp.argmin(jax.lax.map(f, starts))][None]
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
 
     # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
@@ -264,23 +344,38 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
             return jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
         return jax.vmap(descend)(xs, los, his)
 
-    xs, fs = jax.lax.fori_loop(0, 2, phase, (starts, jnp.zeros(len(starts))))
+    xs, fs = jax.lax.fori_loop(0, 2, phase, (starts, jnp.zeros(len(starts), dtype)))
     # The best polished start, or a baseline (all on the grid) if one is better: never worse.
     candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])
     terms = jax.vmap(lambda x: objective_terms(problem, jnp.exp(x[0]), jnp.exp(x[1]), cfg))(candidates)
     best = jnp.argmin(terms["objective"])
     q, k = jnp.exp(candidates[best, 0]), round_rho(jnp.exp(candidates[best, 1]), cfg.rank)
     baselines = {name: jax.tree.map(lambda v: v[i + 1], terms) for i, name in enumerate(base)}
-    return SolveResult(q=q, rho=k / cfg.rank, k=k, baselines=baselines, **jax.tree.map(lambda v: v[best], terms))
+    return SolveResult(q=q, rho=(k / cfg.rank).astype(dtype), k=k, baselines=baselines,
+                       **jax.tree.map(lambda v: v[best], terms))
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+_solve_jit = jax.jit(_solve_problem, static_argnames="cfg")
+
+
+def _solve_scenarios(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
+    return jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys))
+
+
+_solve_batch_jit = jax.jit(_solve_scenarios, static_argnames="cfg")
+
+
+def _unpad(result: SolveResult, n: int) -> SolveResult:
+    return result.replace(q=result.q[..., :n], rho=result.rho[..., :n], k=result.k[..., :n])
+
+
 def solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
-    """Solve one scenario (jitted)."""
-    return _solve_problem(problem, key, cfg)
+    """Solve one scenario. The clients are padded to :func:`bucket_size` first, so the jitted
+    solver compiles once per bucket (and ``cfg``), not once per client count or bandwidth."""
+    n = problem.num_clients
+    return _unpad(_solve_jit(pad_problem(problem, bucket_size(n)), key, cfg), n)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
 def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
     """Solve many scenarios in one call: ``problems`` and ``keys`` carry a leading scenario axis.
 
@@ -291,13 +386,21 @@ def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveR
     cost 1.2-2x (docs/method.md).
     """
     chex.assert_tree_shape_prefix((problems, keys), keys.shape[:1])
-    return jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys))
+    n = problems.num_clients
+    return _unpad(_solve_batch_jit(pad_problem(problems, bucket_size(n)), keys, cfg), n)
+
+
+def compile_count() -> int:
+    """Compilations of the solver so far (single and batched): what padding keeps small."""
+    return _solve_jit._cache_size() + _solve_batch_jit._cache_size()
 
 
 def solve(profile: wireless.SystemProfile, sys: wireless.SystemConfig, workload: wireless.WorkloadModel,
-          g2: jax.Array, a: jax.Array, alpha: float, beta: float, cfg: SolverConfig = SolverConfig()) -> SolveResult:
+          g2: jax.Array, a: jax.Array, alpha: float, beta: float, cfg: SolverConfig, *, overhead_s: float,
+          min_round_s: float = 0.0) -> SolveResult:
     """Sampling probabilities and grid sketch ratios minimizing ``(alpha V + beta) E[T]``."""
-    problem = make_problem(profile, sys, workload, g2, a, alpha, beta)
+    problem = make_problem(profile, sys, workload, g2, a, alpha, beta, overhead_s=overhead_s,
+                           min_round_s=min_round_s)
     return solve_problem(problem, jax.random.key(cfg.seed), cfg)
 
 
@@ -312,7 +415,7 @@ def sampling_only_demand(problem: Problem, rho: jax.Array, cfg: SolverConfig, nu
     ``w_n = a_n^2 G_n^2 / rho_n`` and ``mu`` set by the budget (water-filling, bisection in
     ``log mu``); ``J(T) = (alpha V(q(T)) + beta) T`` is then scanned over ``num_levels`` levels.
     """
-    times = problem_times(problem, rho)
+    times = problem.clients.times(rho)
     w = problem.a ** 2 * problem.g2 / rho
     bw = problem.bandwidth_hz
     t_lo = jnp.max(times.floor)

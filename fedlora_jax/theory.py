@@ -28,7 +28,11 @@ from flax import struct
 
 
 def variance_term(q: jax.Array, rho: jax.Array, g2: jax.Array, a: jax.Array) -> jax.Array:
-    """``V(q, rho) = sum_n a_n^2 G_n^2 (1 / (q_n rho_n) - 1)``; 0 at full participation and rank."""
+    """``V(q, rho) = sum_n a_n^2 G_n^2 (1 / (q_n rho_n) - 1)``; 0 at full participation and rank.
+
+    ``g2`` is ``G_n^2``, the **squared** norm of client ``n``'s unsketched update (not ``G_n``),
+    as everywhere in this module: pass ``G ** 2`` if you hold norms.
+    """
     chex.assert_equal_shape([q, g2, a])
     return jnp.sum(a * a * g2 * (1.0 / (q * rho) - 1.0))
 

@@ -333,13 +333,62 @@ def payload_bits(workload: WorkloadModel, rho: jax.Array) -> jax.Array:
     return rho * workload.payload_bits_full_rank
 
 
+@struct.dataclass
+class ClientArrays:
+    """The low-level, per-client form of the time model, (N,) each, for a user's own network data.
+
+    Compute seconds ``compute_s + rho * compute_per_rho_s`` and upload bits
+    ``bits + rho * bits_per_rho`` are affine in the sketch ratio (the sketched LoRA part scales
+    with ``rho``, the rest does not); ``snr_bw`` is ``c = p h / N0`` in Hz (the SNR per Hz of
+    band). :func:`client_arrays` builds them from a profile; any dtype (float64 under x64).
+    """
+
+    compute_s: jax.Array
+    compute_per_rho_s: jax.Array
+    bits: jax.Array
+    bits_per_rho: jax.Array
+    snr_bw: jax.Array
+
+    def times(self, rho: jax.Array) -> ClientTimes:
+        """:class:`ClientTimes` at sketch ratios ``rho`` (N,)."""
+        return ClientTimes(compute=self.compute_s + rho * self.compute_per_rho_s,
+                           bits=self.bits + rho * self.bits_per_rho, snr_bw=self.snr_bw)
+
+
+def validate_client_arrays(clients: ClientArrays) -> None:
+    """Raise ValueError naming the field if a value is missing, negative, or the shapes differ."""
+    if not _is_concrete(clients):
+        return
+    n = np.shape(clients.snr_bw)[0] if np.ndim(clients.snr_bw) == 1 else None
+    _require(n is not None, "ClientArrays.snr_bw.shape", np.shape(clients.snr_bw), "give one value per client")
+    for field in dataclasses.fields(clients):
+        x = np.asarray(getattr(clients, field.name))
+        _require(x.shape == (n,), f"ClientArrays.{field.name}.shape", x.shape, f"give one value per client ({n})")
+        _require(np.isfinite(x) & (x >= 0), f"ClientArrays.{field.name}",
+                 f"NaN/inf/negative at clients {np.flatnonzero(~(np.isfinite(x) & (x >= 0)))[:5].tolist()}",
+                 "give finite values >= 0")
+    _require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients",
+             "every client needs p h / N0 > 0")
+    _require(np.asarray(clients.bits + clients.bits_per_rho) > 0, "ClientArrays.bits + bits_per_rho",
+             "zero at some clients", "every client uploads > 0 bits at rho = 1")
+
+
+def client_arrays(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel) -> ClientArrays:
+    """The profile API in array form: ``H F_base / f`` and ``H F_lora / f`` seconds, the sketched
+    adapter's bits, and ``p h / N0`` (:func:`compute_time`, :func:`payload_bits`)."""
+    f = profile.flops_per_s
+    compute_s = compute_time(f, workload, jnp.zeros_like(f))
+    bits = payload_bits(workload, jnp.zeros_like(f))
+    return ClientArrays(compute_s=compute_s, compute_per_rho_s=compute_time(f, workload, jnp.ones_like(f)) - compute_s,
+                        bits=bits, bits_per_rho=payload_bits(workload, jnp.ones_like(f)) - bits,
+                        snr_bw=(profile.power_w * profile.gain / sys.noise_w_per_hz).astype(f.dtype))
+
+
 def client_times(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel,
                  rho: jax.Array) -> ClientTimes:
     """Per-client compute time, upload bits and SNR-bandwidth at sketch ratios ``rho`` (N,)."""
     rho = jnp.broadcast_to(rho, profile.flops_per_s.shape).astype(profile.flops_per_s.dtype)
-    return ClientTimes(compute=compute_time(profile.flops_per_s, workload, rho),
-                       bits=payload_bits(workload, rho),
-                       snr_bw=profile.power_w * profile.gain / sys.noise_w_per_hz)
+    return client_arrays(profile, sys, workload).times(rho)
 
 
 # The rate law in the SNR u = c / b. h(u) = 1 - log1p(u)/u; upload time = D_min / (1 - h).
@@ -585,6 +634,23 @@ def expected_max_exact(t: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.sum(t * q * survive)
 
 
+def expected_round_time_exact(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array,
+                              adaptive: bool = True, batch_size: int = 1024) -> jax.Array:
+    """Exact ``E[T]`` by enumerating all ``2^N`` participant sets (``N <= 16``; for tests).
+
+    ``E[T] = sum_P T(P) prod_{n in P} q_n prod_{n not in P} (1 - q_n)``: multilinear in ``q``, so
+    ``dE[T]/dq_n = E[T | n in] - E[T | n out]`` exactly, at the bounds too.
+    """
+    n = q.shape[0]
+    _require(n <= 16, "num_clients", n, "enumerate at most 16 clients; use expected_round_time_mc above")
+    masks = (jnp.arange(2 ** n)[:, None] >> jnp.arange(n)) & 1 == 1
+    one = (lambda m: adaptive_round_time(times, m, bandwidth_hz)) if adaptive else (
+        lambda m: equal_round_time(times, m, bandwidth_hz))
+    t = jax.lax.map(one, masks, batch_size=min(batch_size, 2 ** n))
+    prob = jnp.prod(jnp.where(masks, q, 1.0 - q), axis=1)
+    return jnp.sum(prob * t)
+
+
 def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
                                iters: int = 60) -> jax.Array:
     """The naive surrogate: ``T`` with expected demand ``sum_n q_n b_n(T) = Bw``.
@@ -593,47 +659,96 @@ def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     Kept as the reference the closed form of :mod:`fedlora_jax.solver` is derived for.
     """
     # A client with bits and SNR-bandwidth both scaled by q has the same floor and needs q b_n(T).
+    # Clients with q = 0 never take part (the solver's padding).
+    on = q > 0
+    q = jnp.where(on, q, 1.0)
     scaled = ClientTimes(compute=times.compute, bits=times.bits * q, snr_bw=times.snr_bw * q)
-    return adaptive_round_time(scaled, jnp.ones(q.shape, bool), bandwidth_hz, iters)
+    return adaptive_round_time(scaled, on, bandwidth_hz, iters)
 
 
-def _normal_cdf(z: jax.Array) -> jax.Array:
-    return 0.5 * jax.scipy.special.erfc(-z / jnp.sqrt(2.0))
+EXACT_DEMANDS = 2  # the slowest clients the normal surrogate sums exactly (a 2^K mixture of normals)
+
+
+@struct.dataclass
+class _CdfParts:
+    """``P(T <= tau) ~ prod(1 - must_absent) sum_s weight_s Phi(z_s)`` at one ``tau``.
+
+    ``must_absent``: ``q_n`` for each other client whose demand alone overflows the band (0 for
+    the rest), (N,); ``weight``, ``z``: the ``2^K`` presence patterns of the ``K`` exactly summed
+    clients (their probabilities, and the standardized slack the others leave in the band).
+    """
+
+    must_absent: jax.Array
+    weight: jax.Array
+    z: jax.Array
+
+
+def _exact_clients(times: ClientTimes, q: jax.Array, exact_demands: int) -> jax.Array:
+    """Indices of the ``exact_demands`` clients with the largest floors among those with ``q > 0``:
+    the slowest, whose presence moves the round time most. Fixed over ``tau``, so the mixture
+    never swaps clients as ``tau`` moves."""
+    k = min(exact_demands, q.shape[0])
+    return jax.lax.top_k(jnp.where(q > 0, jax.lax.stop_gradient(times.floor), -jnp.inf), k)[1]
+
+
+def _demand(times: ClientTimes, bandwidth_hz, tau: jax.Array, newton_steps: int) -> jax.Array:
+    """Each client's share of the band to finish by ``tau``; ``+inf`` at or below its floor."""
+    slack = tau - times.floor
+    b = bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
+    return jnp.where(slack > 0, b / bandwidth_hz, jnp.inf)
 
 
 def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-               newton_steps: int) -> tuple[jax.Array, jax.Array]:
-    """``(log A, z)`` with ``P(T <= tau) ~ A Phi(z)``: ``A`` the probability that every client whose
-    demand alone overflows the band is absent, ``z`` the others' standardized slack in the band."""
-    slack = tau - times.floor
-    b = jnp.where(slack > 0, bandwidth_for_slack(times, jnp.where(slack > 0, slack, 1.0), newton_steps)
-                  / bandwidth_hz, jnp.inf)
+               newton_steps: int, exact: jax.Array) -> _CdfParts:
+    is_exact = jnp.zeros(q.shape, bool).at[exact].set(True)
+    b = _demand(times, bandwidth_hz, tau, newton_steps)
     feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
-    b = jnp.where(feasible, b, 0.0)
-    log_absent = jnp.sum(jnp.where(feasible, 0.0, jnp.log1p(-q)))
-    z = (1.0 - jnp.sum(q * b)) / jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
-    return log_absent, z
+    normal = feasible & ~is_exact
+    b = jnp.where(normal, b, 0.0)
+    must_absent = jnp.where(feasible | is_exact, 0.0, q)
+    mean = jnp.sum(q * b)
+    sd = jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
+    top_b = _demand(jax.tree.map(lambda x: x[exact], times), bandwidth_hz, tau, newton_steps)
+    top_q = q[exact]
+    present = (jnp.arange(2 ** exact.shape[0])[:, None] >> jnp.arange(exact.shape[0])) & 1 == 1
+    weight = jnp.prod(jnp.where(present, top_q, 1.0 - top_q), axis=1)
+    taken = jnp.sum(jnp.where(present, top_b, 0.0), axis=1)
+    fits = jnp.isfinite(taken)  # else a present client is at or below its floor: F = 0 (safe where)
+    z = jnp.where(fits, (1.0 - mean - jnp.where(fits, taken, 0.0)) / sd, -jnp.inf)
+    return _CdfParts(must_absent=must_absent, weight=weight, z=z)
 
 
 def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
-                          newton_steps: int = 1) -> jax.Array:
+                          newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS,
+                          exact: jax.Array | None = None) -> jax.Array:
     """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
 
-    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``; clients whose floor is at or above ``tau``
-    or whose demand alone exceeds ``Bw`` must be absent (the product), the others' Bernoulli demands
-    are summed as a normal law with mean ``sum q b`` and variance ``sum q (1 - q) b^2``. The normal
-    law jumps where a demand crosses ``Bw``: small jumps, but see docs/method.md on gradients.
+    ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. The ``exact_demands`` slowest clients
+    (``exact``: their indices, default :func:`_exact_clients`) are summed exactly (a mixture over
+    their presence); of the others, those whose floor is at or above ``tau`` or whose demand alone
+    exceeds ``Bw`` must be absent (an exact product), the rest are summed as a normal law with mean
+    ``sum q b`` and variance ``sum q (1 - q) b^2``. Both exact parts are multilinear in their ``q``,
+    so the derivative in ``q_n`` stays finite and right at ``q_n = 1`` for them (where a normal law
+    has no variance left to move); the product is taken directly, not as ``exp(sum log1p(-q))``,
+    whose derivative is ``0 * inf`` at ``q = 1``.
     """
-    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps)
-    return jnp.exp(log_absent) * _normal_cdf(z)
+    exact = _exact_clients(times, q, exact_demands) if exact is None else exact
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, newton_steps, exact)
+    mixture = jnp.sum(parts.weight * jax.scipy.special.ndtr(parts.z))
+    return jnp.prod(1.0 - parts.must_absent) * mixture
 
 
-def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array) -> jax.Array:
-    """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation (to
-    ``|z| ~ 13`` in float32; beyond, +-inf, which the caller clips)."""
-    log_absent, z = _cdf_parts(times, q, bandwidth_hz, tau, 0)
-    absent = jnp.exp(log_absent)
-    return log_absent + jnp.log(_normal_cdf(z)) - jnp.log(-jnp.expm1(log_absent) + absent * _normal_cdf(-z))
+def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
+                  exact: jax.Array) -> jax.Array:
+    """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation
+    (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips). Values only."""
+    parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact)
+    log_absent = jnp.sum(jnp.log1p(-parts.must_absent))  # -inf when a client with q = 1 must be absent
+    log_weight = jnp.log(parts.weight)
+    log_f = log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(parts.z))
+    log_1mf = jnp.logaddexp(jnp.log(-jnp.expm1(log_absent)),
+                            log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(-parts.z)))
+    return log_f - log_1mf
 
 
 def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, f_lo: jax.Array,
@@ -654,23 +769,28 @@ def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array
     return lo, hi
 
 
+_SUPPORT_Q_MAX = 0.99  # see _support
+_SPLIT_ITERS = 30  # bisection steps of the split point (+ one implicit Newton step)
 _LOG_ODDS_CLIP = 30.0  # beyond float32's reach; keeps regula falsi's secants finite
 
 
-def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
-             iters: int) -> tuple[jax.Array, jax.Array]:
+def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float, iters: int,
+             exact: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A range ``[a, b]`` of ``tau`` where ``F`` rises from ``p0 + tail`` to ``1 - tail`` (``p0``:
     the probability of the empty round) (regula falsi in the log-odds of ``F`` over ``log(tau - lo)``).
 
     Exact facts bound it: below the smallest floor ``lo`` only the empty round has finished, and
-    every round has by the full set's equal-split time. The outer ends of the two brackets are
-    returned, so the range errs on the wide side. No gradient: the integrand is flat outside.
+    every round has by the equal-split time of all clients that can take part (``q > 0``). The
+    outer ends of the two brackets are returned, so the range errs on the wide side. No gradient:
+    the integrand is flat outside.
     """
-    times, q = jax.lax.stop_gradient((times, q))
+    # q is capped below 1 so that the range also holds the rounds a client at q = 1 would shorten
+    # by leaving: where the one-sided derivative in its q lives.
+    times, q = jax.lax.stop_gradient((times, jnp.minimum(q, _SUPPORT_Q_MAX)))
     p0 = jnp.prod(1.0 - q)
-    lo = jnp.min(times.floor)
-    width = equal_round_time(times, jnp.ones(q.shape, bool), bandwidth_hz) - lo
-    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s)),
+    lo = jnp.min(jnp.where(q > 0, times.floor, jnp.inf))
+    width = equal_round_time(times, q > 0, bandwidth_hz) - lo
+    odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s), exact),
                               -_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
     s_lo, s_hi = jnp.log(width) + jnp.log(jnp.finfo(width.dtype).eps), jnp.log(width)
     o_lo, o_hi = odds(s_lo), odds(s_hi)
@@ -689,21 +809,36 @@ def _gauss_legendre(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (x + 1.0), 0.5 * w
 
 
-def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, num_points: int = 24,
-                               tail: float = 1e-4, iters: int = 12) -> jax.Array:
-    """``E[T] = int_0^inf (1 - P(T <= tau)) dtau`` with the normal-approximation CDF ``F``.
+def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array,
+                               num_points: int = 24, tail: float = 1e-4, iters: int = 12,
+                               min_round_s: float | jax.Array = 0.0,
+                               exact_demands: int = EXACT_DEMANDS) -> jax.Array:
+    """``E[max(T, m)] = m + int_m^inf (1 - P(T <= tau)) dtau`` with the CDF ``F`` of
+    :func:`round_time_cdf_normal` (``m = min_round_s``: no round, empty ones included, is shorter).
 
-    ``(1 - p0) a + int_a^b (1 - F)``: :func:`_support` finds ``[a, b]`` (``iters`` regula falsi
-    steps), and Gauss-Legendre on ``num_points`` nodes integrates it, the inverse rate law read from
-    its table. Smooth in ``q`` and ``rho``; exact as ``q -> 1``.
+    Below the range ``[a, b]`` from :func:`_support` (``iters`` regula falsi steps) ``1 - F`` is the
+    probability ``1 - p0`` that anyone takes part. The range is split at the round time ``c`` of
+    every client that can take part (``q > 0``), where ``F`` steps up as ``q -> 1``:
+    ``int_a^b (1 - F) = (c - a) - int_a^c F + int_c^b (1 - F)``, each piece by Gauss-Legendre on
+    ``num_points`` nodes (the inverse rate law read from its table). ``c`` carries exact
+    (implicit-function) gradients, so ``E[T]`` and its gradient are exact at ``q = 1``. Clients
+    with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`).
     """
-    a, b = _support(times, q, bandwidth_hz, tail, iters)
+    exact = _exact_clients(times, q, exact_demands)
+    a, b = _support(times, q, bandwidth_hz, tail, iters, exact)
+    m = jnp.asarray(min_round_s, a.dtype)
+    lo, hi = jnp.maximum(a, m), jnp.maximum(b, m)
+    c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, iters=_SPLIT_ITERS), lo, hi)
     x, w = (jnp.asarray(v, a.dtype) for v in _gauss_legendre(num_points))
+    nodes = jnp.concatenate([lo + (c - lo) * x, c + (hi - c) * x])
+    weights = jnp.concatenate([(c - lo) * w, (hi - c) * w])  # int_lo^c (0 - F) + int_c^hi (1 - F)
+    above = jnp.arange(2 * num_points) >= num_points
 
     @jax.checkpoint  # one node at a time, recomputed in the backward pass: (N,) arrays stay in cache
     def add_node(acc, node):
-        tau, weight = node
-        return acc + weight * (1.0 - round_time_cdf_normal(times, q, bandwidth_hz, tau, 0)), None
+        tau, weight, up = node
+        cdf = round_time_cdf_normal(times, q, bandwidth_hz, tau, 0, exact=exact)
+        return acc + weight * (jnp.where(up, 1.0, 0.0) - cdf), None
 
-    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (a + (b - a) * x, w))
-    return (1.0 - jnp.prod(1.0 - q)) * a + (b - a) * integral
+    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, above))
+    return m + (1.0 - jnp.prod(1.0 - q)) * (lo - m) + (c - lo) + integral

@@ -37,3 +37,21 @@ def test_bad_input_is_one_clear_line(tmp_path):
     trace.write_text("flops_per_s,rate_kbps\n1e12,nan\n")
     out = _run("solve", "--profile", str(trace), "--out", str(tmp_path))
     assert out.returncode == 2 and "rate_kbps" in out.stderr and "Traceback" not in out.stderr
+
+
+import pytest  # noqa: E402
+
+from fedlora_jax import cli  # noqa: E402
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--rank", "0", "rank"), ("--q-min", "0", "q_min"), ("--bandwidth-mhz", "0", "--bandwidth-mhz"),
+    ("--clients", "0", "--clients"), ("--local-steps", "0", "--local-steps"),
+    ("--lora-params", "-1", "--lora-params"), ("--round-overhead-s", "-1", "overhead_s"),
+    ("--min-round-s", "nan", "min_round_s"), ("--beta", "0", "beta")])
+def test_bad_inputs_are_one_line_exit_2_before_any_work(tmp_path, capsys, flag, value, field):
+    out = tmp_path / "out"
+    code = cli.main(["solve", "--clients", "4", flag, value, "--out", str(out)])  # the last value wins
+    err = capsys.readouterr().err
+    assert code == 2 and field in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # nothing written

@@ -117,7 +117,8 @@ def test_adaptive_plans_beat_the_uniform_baseline_on_the_model(optimizer):
     ctx = _with_optimizer(_context(), optimizer)
     est = _estimates(ctx)
     problem = solver.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2, ctx.weights,
-                                  1.0 / est.signal, 1.0, law=theory.update_law(optimizer))
+                                  1.0 / est.signal, 1.0, law=theory.update_law(optimizer),
+                                  overhead_s=ctx.round_overhead_s)
     cfg = solver.SolverConfig(rank=R)
     objective = lambda plan: float(solver.objective_terms(
         problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32), cfg)["objective"])

@@ -181,3 +181,58 @@ def test_load_trace_csv_json_round_trip(tmp_path):
         t = W.client_times(prof, SYS, WORK, jnp.ones(3))
         rate = 1e6 * np.log2(1 + np.asarray(t.snr_bw) / 1e6)  # the link rate at the reference band
         np.testing.assert_allclose(rate, rates, rtol=1e-4)
+
+
+def test_exact_enumeration_matches_monte_carlo():
+    """``expected_round_time_exact`` (all 2^N sets, set-dependent adaptive round times) against
+    Monte Carlo of the same round times, and the normal surrogate within its tolerance of it."""
+    _, t = _times(21, 10)
+    q = jax.random.uniform(jax.random.key(3), (10,), minval=0.05, maxval=1.0)
+    exact = float(jax.jit(W.expected_round_time_exact)(t, q, SYS.bandwidth_hz))
+    mc, se = jax.jit(W.expected_round_time_mc, static_argnums=(4,))(jax.random.key(4), t, q, SYS.bandwidth_hz, 20_000)
+    assert abs(exact - float(mc)) < 4 * float(se)
+    assert abs(float(_normal(t, q, SYS.bandwidth_hz)) / exact - 1) < SURROGATE_TOL
+
+
+def test_array_api_matches_profile_api():
+    """``ClientArrays`` built by hand (seconds and bits affine in rho, SNR per Hz) give the
+    profile API's times, in float32 and float64."""
+    prof, _ = _times(8, 6)
+    rho = jnp.linspace(0.125, 1.0, 6)
+    f = np.asarray(prof.flops_per_s, np.float64)
+    steps = WORK.local_steps
+    for dtype in (jnp.float32, jnp.float64):
+        with jax.enable_x64(dtype == jnp.float64):
+            by_hand = W.ClientArrays(
+                compute_s=jnp.asarray(steps * WORK.base_flops_per_step / f, dtype),
+                compute_per_rho_s=jnp.asarray(steps * WORK.lora_flops_per_step_full_rank / f, dtype),
+                bits=jnp.zeros(6, dtype), bits_per_rho=jnp.full(6, WORK.payload_bits_full_rank, dtype),
+                snr_bw=jnp.asarray(np.asarray(prof.power_w, np.float64) * np.asarray(prof.gain, np.float64)
+                                   / SYS.noise_w_per_hz, dtype))
+            profile = jax.tree.map(lambda x: jnp.asarray(x, dtype), prof)
+            want = W.client_times(profile, SYS, WORK, jnp.asarray(rho, dtype))
+            got = by_hand.times(jnp.asarray(rho, dtype))
+            assert got.compute.dtype == dtype
+            tol = 1e-5 if dtype == jnp.float32 else 1e-12
+            for name in ("compute", "bits", "snr_bw"):
+                np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=tol)
+            mask = jnp.arange(6) % 2 == 0
+            np.testing.assert_allclose(W.adaptive_round_time(got, mask, SYS.bandwidth_hz),
+                                       W.round_time(profile, SYS, WORK, mask, jnp.asarray(rho, dtype))["total"],
+                                       rtol=10 * tol)
+
+
+def test_minimum_round_time_charges_every_round():
+    """``E[max(T, m)]``: the normal surrogate against the exact enumeration of ``max(T(P), m)``
+    (empty rounds cost ``m``), with ``m`` below, inside and above the range of ``T``."""
+    _, t = _times(22, 6)
+    q = jnp.full(6, 0.2)  # P(empty round) = 0.26
+    full = float(W.adaptive_round_time(t, jnp.ones(6, bool), SYS.bandwidth_hz))
+    masks = (jnp.arange(64)[:, None] >> jnp.arange(6)) & 1 == 1
+    times = jax.vmap(lambda m: W.adaptive_round_time(t, m, SYS.bandwidth_hz))(masks)
+    prob = jnp.prod(jnp.where(masks, q, 1 - q), axis=1)
+    for m in (0.0, 0.5 * full, 2 * full):
+        exact = float(jnp.sum(prob * jnp.maximum(times, m)))
+        normal = float(jax.jit(W.expected_round_time_normal)(t, q, SYS.bandwidth_hz, min_round_s=m))
+        assert abs(normal / exact - 1) < SURROGATE_TOL, (m, normal, exact)
+    assert normal == pytest.approx(2 * full, rel=1e-6)  # every round, empty or not, lasts m

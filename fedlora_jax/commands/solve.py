@@ -42,17 +42,27 @@ def register(subparsers) -> None:
     p.add_argument("--tokens-per-step", type=float, default=4096, help="tokens per local step")
     p.add_argument("--local-steps", type=int, default=5, help="local steps H per round")
     p.add_argument("--surrogate", choices=solver.SURROGATES, default="normal", help="E[T] surrogate")
+    p.add_argument("--round-overhead-s", type=float, default=None,
+                   help="seconds every round costs, empty ones too (default: the broadcast of the "
+                        "full-rank adapter at the system's downlink rate)")
+    p.add_argument("--min-round-s", type=float, default=0.0, help="shortest possible round (s)")
     p.add_argument("--out", type=Path, default=Path("runs/solve"), help="output directory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # Every input is checked before any compilation.
+    wireless._require(args.bandwidth_mhz > 0, "--bandwidth-mhz", args.bandwidth_mhz, "give MHz > 0, e.g. 10")
     sys_cfg = wireless.SystemConfig(bandwidth_hz=args.bandwidth_mhz * 1e6)
-    cfg = solver.SolverConfig(q_min=args.q_min, rank=args.rank, baseline_rho=max(1, args.rank // 4) / args.rank,
-                              surrogate=args.surrogate, seed=args.seed)
+    cfg = solver.SolverConfig(q_min=args.q_min, rank=args.rank, surrogate=args.surrogate, seed=args.seed)
+    for name, value in (("--base-params", args.base_params), ("--lora-params", args.lora_params),
+                        ("--tokens-per-step", args.tokens_per_step)):
+        wireless._require(value > 0, name, value, "give a count > 0")
+    wireless._require(args.local_steps >= 1, "--local-steps", args.local_steps, "give at least 1 local step")
     workload = wireless.workload_from_counts(args.base_params, args.lora_params, args.tokens_per_step,
                                              args.local_steps)
+    overhead = (workload.payload_bits_full_rank / sys_cfg.downlink_bps if args.round_overhead_s is None
+                else args.round_overhead_s)
     if args.profile is not None:
         profile = wireless.load_trace(args.profile)
     else:
@@ -60,13 +70,16 @@ def run(args: argparse.Namespace) -> int:
         profile = wireless.generate_profile(jax.random.key(args.seed), args.clients, sys_cfg)
     n = profile.num_clients
     alpha = float(n) if args.alpha is None else args.alpha
-    result = solver.solve(profile, sys_cfg, workload, jnp.ones(n), jnp.full(n, 1.0 / n), alpha, args.beta, cfg)
+    problem = solver.make_problem(profile, sys_cfg, workload, jnp.ones(n), jnp.full(n, 1.0 / n), alpha, args.beta,
+                                  overhead_s=overhead, min_round_s=args.min_round_s)
+    result = solver.solve_problem(problem, jax.random.key(args.seed), cfg)
 
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {name: {k: float(v) for k, v in terms.items()} for name, terms in result.baselines.items()}
     summary["adaptive"] = {k: float(getattr(result, k))
                            for k in ("objective", "expected_round_time", "predicted_rounds")}
     record = {"clients": n, "rank": args.rank, "bandwidth_hz": sys_cfg.bandwidth_hz, "alpha": alpha,
+              "round_overhead_s": overhead, "min_round_s": args.min_round_s,
               "beta": args.beta, "surrogate": args.surrogate, "summary": summary,
               "q": np.asarray(result.q).tolist(), "rho": np.asarray(result.rho).tolist(),
               "k": np.asarray(result.k).tolist()}
