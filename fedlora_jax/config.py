@@ -52,8 +52,8 @@ class DataConfig:
     num_clients: int = 50
     partition: str = "natural"
     alpha: float = 0.5
-    max_length: int = 64
-    heldout_fraction: float = 0.2
+    max_length: int = 48
+    heldout_fraction: float = 0.3
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
     synthetic_per_client: int = 50
