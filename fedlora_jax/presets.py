@@ -22,8 +22,9 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        "all-MiniLM-L6-v2 on Python's documentation (7 chapters), 50 clients split by topic, "
-        "10 per round, rank 8, sketch ratio 1/2, 20 rounds (the embedded, offline default)",
+        "all-MiniLM-L6-v2 on Python's documentation (7 chapters, 160-character passages, 735 "
+        "held out), 50 clients split by topic, 10 per round, rank 8, sketch ratio 1/2, 2 local "
+        "AdamW steps at 1e-3, 20 rounds (the embedded, offline default)",
         {}),
     "tiny": Preset(
         "tiny random-init transformer on synthetic 4-class data, 16 clients, 4 per round, "
