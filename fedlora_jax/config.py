@@ -59,8 +59,8 @@ class DataConfig:
     num_clients: int = 50
     partition: str = "natural"
     alpha: float = 0.5
-    max_length: int = 48
-    heldout_fraction: float = 0.3
+    max_length: int = 64
+    heldout_fraction: float = 0.2
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
     label_names: tuple[str, ...] = ()
@@ -111,7 +111,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"))
     client: ClientConfig = ClientConfig(local_steps=2, batch_size=4)
-    client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 1e-3)
+    client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 5e-3)
     server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)
     federation: FederationConfig = FederationConfig(rounds=20, participants=10.0, chunk_size=4,
                                                     sketch_ratio=0.5)
@@ -119,7 +119,7 @@ class RunConfig:
     bandwidth_allocation: str = "adaptive"
     strategy: str = "fixed"
     strategy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    eval_every: int = 10
+    eval_every: int = 5
     checkpoint_every: int = 10
     output_dir: str = "runs/latest"
 

