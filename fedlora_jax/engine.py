@@ -82,6 +82,9 @@ class FederationConfig:
             raise ValueError(f"federation.participants must be > 0, got {self.participants!r}.")
         if not 0 < self.sketch_ratio <= 1:
             raise ValueError(f"federation.sketch_ratio must be in (0, 1], got {self.sketch_ratio!r}.")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 31:
+            raise ValueError(f"federation.seed must be an integer in [0, 2**31) (it seeds a 32-bit "
+                             f"PRNG key inside the compiled init), got {self.seed!r}.")
         if self.devices is not None and (not isinstance(self.devices, int) or self.devices < 1):
             raise ValueError(f"federation.devices must be a positive integer or unset (all "
                              f"devices), got {self.devices!r}.")

@@ -169,6 +169,12 @@ def test_bad_probabilities_raise_before_compiling(pool, q, match):
     assert not traces
 
 
+@pytest.mark.parametrize("seed", [-1, 2 ** 31, 1.5])
+def test_seeds_outside_the_key_range_are_refused(seed):
+    with pytest.raises(ValueError, match=r"federation.seed must be an integer in \[0, 2\*\*31\)"):
+        FederationConfig(seed=seed)
+
+
 @pytest.mark.parametrize("k, match", [
     (lambda n: np.zeros(n, int), r"\[1, r=4\]"),
     (lambda n: np.full(n, 5), r"\[1, r=4\]"),
