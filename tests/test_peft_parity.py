@@ -69,20 +69,14 @@ def test_exported_adapter_matches_peft(tmp_path, case, rslora):
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_peft_adapter_loads_into_ours(tmp_path, rslora):
-    torch_model = save_torch(tmp_path / "base", "BertConfig", "BertForSequenceClassification", ENCODER)
     peft_config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["query", "value"],
                                   modules_to_save=["classifier"])
-    peft_model = peft.get_peft_model(torch_model, peft_config).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    model, _, _ = load_pretrained(tmp_path / "base")
+    peft_model, base, adapter = _peft_adapter(tmp_path, "BertConfig", "BertForSequenceClassification",
+                                              ENCODER, peft_config)
+    model, _, _ = load_pretrained(base)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0, rslora=rslora, targets=("query", "value")),
                rngs=nnx.Rngs(0))
-    load_adapter(model, tmp_path / "adapter")
+    load_adapter(model, adapter)
     ids, mask = batch()
     ref = torch_logits(peft_model, ids, mask)
     _assert_adapter_active(peft_model, ref, ids, mask)
