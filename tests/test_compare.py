@@ -108,7 +108,7 @@ def _rows_of(examples) -> set[bytes]:
 
 def test_validation_split_is_disjoint_from_the_test_split():
     from fedlora_jax.config import DataConfig
-    from fedlora_jax.train import evaluation_split
+    from fedlora_jax.build import evaluation_split
 
     heldout = {"input_ids": np.arange(202)[:, None], "labels": np.arange(202) % 7}
     owners = np.arange(202) % 5
@@ -131,7 +131,7 @@ def test_validation_split_is_disjoint_from_the_test_split():
 def test_a_seed_fixes_the_world_for_every_strategy_and_setting(tmp_path):
     import jax
 
-    from fedlora_jax.train import build, make_profile
+    from fedlora_jax.build import build, make_profile
 
     protocol = compare.plan_protocol(_tiny_args(tmp_path, "--strategies", "fedit,adaptive"))
     a = build(protocol.config("fedit", Setting(0.01, 1.0), 3, "test"))
@@ -148,7 +148,7 @@ def test_a_seed_fixes_the_world_for_every_strategy_and_setting(tmp_path):
 
 def test_tuning_never_evaluates_on_the_test_split(tmp_path, monkeypatch):
     from fedlora_jax.engine import FederatedEngine
-    from fedlora_jax.train import build
+    from fedlora_jax.build import build
 
     compile_cache.enable()
     protocol = compare.plan_protocol(_tiny_args(tmp_path))

@@ -186,7 +186,7 @@ def test_train_follows_the_strategy(tmp_path):
 
 
 def test_ffa_never_changes_a_and_sends_only_b():
-    from fedlora_jax.train import build
+    from fedlora_jax.build import build
 
     cfg = strategies.configure(load_config(None, ["strategy=ffa"], preset="tiny"))
     setup = build(cfg)
