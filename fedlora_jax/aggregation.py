@@ -264,6 +264,7 @@ def stateless(trainable: nnx.State, weights: jax.Array) -> RuleState:
 
 
 def same_base(base: nnx.State, server: dict) -> nnx.State:
+    """The frozen base as it is."""
     del server
     return base
 

@@ -10,9 +10,13 @@ results do not depend on how participants are packed into chunks.
 
 The client axis of a chunk is sharded over a one-axis device :class:`~jax.sharding.Mesh` (axis
 ``clients``) with :func:`jax.shard_map`; base weights, global trainables and the client pool are
-replicated, and the chunk's weighted sum of deltas is reduced across devices with ``psum``. One
-device is the mesh of size one, so the same program serves one device, many, and many hosts
-(``jax.distributed.initialize()`` before building the engine; ``docs/benchmarks.md``).
+replicated, and the chunk's weighted sum of deltas is reduced across devices with ``psum``. The
+chunk step's arguments are named pytrees whose shardings are prefixes: :class:`Replicated` (what
+every device holds), :class:`Carry` (the running :class:`Sums` and per-client rows, donated from
+chunk to chunk) and :class:`Chunk` (ids and validity, sharded over ``clients``); it returns each
+client's :class:`ClientReport`. One device is the mesh of size one, so the same program serves one
+device, many, and many hosts (``jax.distributed.initialize()`` before building the engine;
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -193,7 +197,14 @@ class RoundResult:
 
 
 def validate_ranks(k, num_clients: int, rank: int) -> np.ndarray:
-    """Checks the per-client kept ranks ``k_n`` on the host; returns int32."""
+    """Checks the per-client kept ranks on the host.
+
+    Args:
+      k: ``(num_clients,)`` integers (or integral floats) in ``[1, rank]``.
+      num_clients, rank: ``N`` and the global LoRA rank ``r``.
+    Returns:
+      ``k`` as int32. Raises ``ValueError`` naming the first bad client.
+    """
     k = np.asarray(k)
     if k.shape != (num_clients,):
         raise ValueError(f"Sketch sizes k have shape {k.shape}; expected ({num_clients},).")

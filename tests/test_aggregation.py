@@ -300,6 +300,7 @@ def test_one_compile_across_participant_counts(pool, rule):
     for i, q in enumerate([0.5, 1.0, 1e-6, 0.2]):
         state, result = eng.run_round(state, np.full(eng.num_clients, q, np.float32), k)
         counts.add(result.participants.size)
+        chex.assert_tree_shape_prefix(result.clients, result.participants.shape)  # empty too
         if i == 0:
             compiled = len(traces)
     assert len(counts) >= 3 and 0 in counts

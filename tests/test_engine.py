@@ -87,6 +87,9 @@ def test_round_equals_python_reference(pool):
         w = pool.weights[n] / q[n]
         expected = jax.tree.map(lambda e, d: e + w * d, expected, delta)
     chex.assert_trees_all_close(new_state.trainable, expected, atol=1e-6, rtol=1e-5)
+    applied = sum(np.sum((np.asarray(e) - np.asarray(t)) ** 2, dtype=np.float64) for e, t in
+                  zip(jax.tree.leaves(expected), jax.tree.leaves(parts.trainable)))
+    assert result.applied_sq_norm == pytest.approx(applied, rel=1e-4)  # |D|^2 of the step
 
 
 def _counting_loss():
