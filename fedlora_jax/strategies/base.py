@@ -132,10 +132,12 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """Base of the strategies: uniform sampling at the configured rate, full rank, planned once.
+    """Base of the strategies: uniform sampling at the configured rate, full rank, planned once,
+    FSLoRA's rule and the whole adapter's costs.
 
     Subclasses set ``name`` (the registry key) and ``sampling`` (the engine's scheme) and override
-    :meth:`plan`, :meth:`due` or :meth:`settings`.
+    what their method changes: the planner (:meth:`plan`, :meth:`due`, :meth:`revise`,
+    :meth:`settings`, :meth:`adapt_model`), the :meth:`rule` and the :meth:`costs`.
     """
 
     name: str = "fixed"
@@ -171,6 +173,8 @@ class Strategy:
         return round == 1
 
     def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
+        """The clients' ``q`` and ``k`` for 1-based ``round``, from what the run is (``ctx``) and
+        what has been learned of it (``est``)."""
         del round, est
         return ctx.uniform()
 

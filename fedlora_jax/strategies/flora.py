@@ -4,7 +4,7 @@ own rank ``k_n`` (resource tiers, as FSLoRA's); the server *stacks* them,
 ``A_stack B_stack = sum_n w_n A_n B_n`` exactly (no cross terms, unlike averaging ``A`` and ``B``),
 and merges the stacked product into the frozen base.
 
-The merged products live in the aggregator's server state and are added to the base kernels the
+The merged products live in the rule's server state and are added to the base kernels the
 clients and the evaluation run on. The download grows with the stack: every participant receives
 the stacked adapter of the round (``sum_n k_n / r`` full adapters), which the clock charges. The
 merge bypasses the server optimizer, so FLoRA pins it to ``sgd`` at learning rate 1 (FedAvg).
