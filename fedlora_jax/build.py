@@ -12,7 +12,7 @@ from flax import nnx
 
 from fedlora_jax import strategies, wireless
 from fedlora_jax import config as config_lib
-from fedlora_jax.aggregation import Costs, adapter_sizes
+from fedlora_jax.aggregation import AdapterSizes, Costs, adapter_sizes
 from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
@@ -174,14 +174,13 @@ def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.System
                                      cfg.system)
 
 
-def make_workload(cfg: config_lib.RunConfig, parts, costs: Costs, sizes
+def make_workload(cfg: config_lib.RunConfig, parts, costs: Costs, sizes: AdapterSizes
                   ) -> wireless.WorkloadModel:
     """Per-client work of a round for this model, shared by the clock and the strategies' solver.
 
     FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul) and the
-    trained LoRA factors (``sizes``: :class:`~fedlora_jax.aggregation.AdapterSizes`); the payload
-    is what the method's costs say a full-rank client uploads (FedSA-LoRA: ``A`` only), scaled by
-    each client's ``k/r`` in the time model.
+    trained LoRA factors; the payload is what the method's costs say a full-rank client uploads
+    (FedSA-LoRA: ``A`` only), scaled by each client's ``k/r`` in the time model.
     """
     base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
                       if not any("embed" in str(p) for p in path))
