@@ -1,29 +1,32 @@
-"""How client updates become the next global adapter: the engine's aggregation hook.
+"""How client updates become the next global adapter: a method's :class:`Rule` and :class:`Costs`.
 
-An :class:`Aggregator` answers, inside the compiled chunk step, five questions the engine asks of
-every client and every round (``docs/method.md``, "Aggregation rules"):
+A :class:`Rule` is a few traced pure functions the engine calls inside the compiled chunk step; they
+answer the questions the engine asks of every client and every round (``docs/method.md``,
+"Aggregation rules"):
 
-1. what the client starts from (:meth:`~Aggregator.start`: its adapter and rank mask);
-2. what it sends (:meth:`~Aggregator.message`, with a weight factor; the engine multiplies it
-   by ``a_n I_n / q_n``);
-3. how a chunk's messages are summed (:meth:`~Aggregator.reduce`, then ``psum`` over devices);
-4. what the server makes of the round's sums (:meth:`~Aggregator.finish`: the update of the global
-   trainables, applied by the server optimizer, and the aggregator's own server state);
-5. what the client keeps (:meth:`~Aggregator.keep`: per-client rows, e.g. FedSA-LoRA's local ``B``).
+1. what the client starts from (``start``: its adapter and rank mask);
+2. what it sends (``message``: a :class:`Message` with a weight factor the engine multiplies by
+   ``a_n I_n / q_n``, and a per-client report for the method's planner);
+3. how a chunk's messages are summed (``reduce``, then ``psum`` over devices);
+4. what the server makes of the round's sums (``finish``: the update of the global trainables,
+   applied by the server optimizer, and the rule's own server state);
+5. what the client keeps (``keep``: per-client rows, e.g. FedSA-LoRA's local ``B``).
 
-It also declares what a round costs beyond local training (:meth:`~Aggregator.upload_params`,
-:meth:`~Aggregator.download_params`, :meth:`~Aggregator.server_flops`), so the wall-clock model
-charges each method fairly. The base class is FSLoRA's rule (the paper's): random rank sketches
-scaled ``r / k``, deltas summed with ``a_n I_n / q_n``. The helpers below (LoRA factors by layer,
-prefix masks, zero-padding, stacking, truncated SVD) are the shared primitives of the other rules,
-which live beside their strategies in :mod:`fedlora_jax.strategies`.
+A method also declares what a round costs beyond local training (:class:`Costs`: parameters up and
+down, server FLOPs), so the wall-clock model charges each method fairly. :func:`sketched` is FSLoRA's
+rule (the paper's): random rank sketches scaled ``r / k``, deltas summed with ``a_n I_n / q_n``; the
+other rules replace some of its functions (``rule._replace(...)``) and live beside their planners in
+:mod:`fedlora_jax.strategies`. The helpers below (LoRA factors by layer, prefix masks, zero-padding,
+stacking, truncated SVD) are their shared primitives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +38,9 @@ Factors = dict[str, tuple[jax.Array, jax.Array]]  # layer path -> (A: d_in x r, 
 
 
 @struct.dataclass
-class AggregatorState:
-    """An aggregator's state in :class:`~fedlora_jax.engine.ServerState`: ``server`` (replicated,
-    e.g. FLoRA's merged products) and ``clients`` (leaves with a leading client axis ``N``)."""
+class RuleState:
+    """A rule's state in :class:`~fedlora_jax.engine.ServerState`: ``server`` (replicated, e.g.
+    FLoRA's merged products) and ``clients`` (leaves with a leading client axis ``N``)."""
 
     server: dict
     clients: dict
@@ -154,97 +157,6 @@ def normalized(total, weight_sum: jax.Array):
     return jax.tree.map(lambda t: t * scale, total)
 
 
-# ----------------------------------------------------------------------------- the default rule
-
-@dataclasses.dataclass(frozen=True)
-class Aggregator:
-    """FSLoRA's rule (the paper's, and FedIT's when ``k = r``): a random ``k``-of-``r`` sketch
-    scaled ``r / k``, the delta as message, ``sum_n a_n I_n / q_n delta_n`` as the server's update.
-
-    ``shared_sketch``: one sketch draw for all layers of a client (else one per layer).
-    """
-
-    shared_sketch: bool = True
-    personalized: ClassVar[bool] = False  # clients keep their own state (FedSA-LoRA)
-
-    def init_state(self, trainable: nnx.State, weights: jax.Array) -> AggregatorState:
-        """Initial state, given the global trainables and the clients' data weights ``a`` (N,)."""
-        del trainable, weights
-        return AggregatorState(server={}, clients={})
-
-    def global_model(self, trainable: nnx.State, state: AggregatorState) -> nnx.State:
-        """The trainables the held-out evaluation runs on."""
-        del state
-        return trainable
-
-    def client_model(self, trainable: nnx.State, state: AggregatorState, client: jax.Array
-                     ) -> nnx.State:
-        """The trainables client ``client`` runs on (personalized rules); default: the global."""
-        del client
-        return self.global_model(trainable, state)
-
-    def client_base(self, base: nnx.State, server: dict) -> nnx.State:
-        """The frozen base the clients (and evaluation) run on."""
-        del server
-        return base
-
-    def start(self, trainable: nnx.State, rows: dict, template: nnx.State, k: jax.Array,
-              key: jax.Array) -> tuple[nnx.State, nnx.State]:
-        """One client's initial trainables and rank masks (``rows``: its per-client state)."""
-        del rows
-        return trainable, draw_sketch(key, k, template, shared_across_layers=self.shared_sketch)
-
-    def message(self, start: nnx.State, delta: nnx.State, sketch: nnx.State):
-        """One client's message and weight factor (multiplied by ``a_n I_n / q_n``)."""
-        del start, sketch
-        return delta, jnp.ones((), jnp.float32)
-
-    def reduce(self, weights: jax.Array, messages):
-        """``sum_c weights_c message_c`` over a chunk's clients (leading axis of ``messages``)."""
-        return jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1), messages)
-
-    def zeros(self, trainable: nnx.State):
-        """An all-zero sum, shaped like :meth:`reduce`'s output."""
-        return jax.tree.map(jnp.zeros_like, trainable)
-
-    def report(self, start: nnx.State, delta: nnx.State, sketch: nnx.State) -> dict[str, jax.Array]:
-        """Per-client scalars the strategy may read after the round (beyond ``|delta|^2``)."""
-        del start, delta, sketch
-        return {}
-
-    def keep(self, start: nnx.State, delta: nnx.State, rows: dict) -> dict:
-        """The client's new per-client rows."""
-        del start, delta
-        return rows
-
-    def finish(self, trainable: nnx.State, server: dict, total, weight_sum: jax.Array
-               ) -> tuple[nnx.State, dict]:
-        """``(update of the global trainables, new server state)`` from the round's sums; the
-        server optimizer applies the update (``sgd`` at learning rate 1 adds it)."""
-        del trainable, weight_sum
-        return total, server
-
-    # --- what a round costs beyond local training (parameters; the clock turns them into time)
-    def uploaded_lora_params(self, sizes: AdapterSizes) -> float:
-        """LoRA parameters a full-rank client uploads (scaled by ``k / r`` in the time model)."""
-        return float(sizes.lora)
-
-    def upload_params(self, k: jax.Array, rank: int, sizes: AdapterSizes) -> jax.Array:
-        """Parameters each client uploads: its kept share of the adapter plus the heads."""
-        return k / rank * self.uploaded_lora_params(sizes) + sizes.head
-
-    def download_params(self, mask: jax.Array, k: jax.Array, rank: int, sizes: AdapterSizes
-                        ) -> jax.Array:
-        """Parameters the server broadcasts before the round: the global adapter and heads."""
-        del mask, k, rank
-        return jnp.float32(sizes.lora + sizes.head)
-
-    def server_flops(self, sizes: AdapterSizes) -> float:
-        """Server FLOPs of one aggregation beyond the weighted sum (e.g. an SVD per layer)."""
-        del sizes
-        return 0.0
-
-
 def lora_from(factors_tree, heads_tree):
     """A trainable-shaped tree with the LoRA leaves of ``factors_tree`` and the others of
     ``heads_tree``."""
@@ -252,52 +164,204 @@ def lora_from(factors_tree, heads_tree):
         lambda p, f, h: f if _names(p)[-1] in ("lora_a", "lora_b") else h, factors_tree, heads_tree)
 
 
+# ----------------------------------------------------------------------------- the rule's interface
+
+class Message(NamedTuple):
+    """What one client sends, and what the simulator records of it.
+
+    Attributes:
+      value: the message; :attr:`Rule.reduce` sums a chunk's messages.
+      factor: a scalar weight factor, multiplied by ``a_n I_n / q_n``.
+      report: per-client values the method's planner reads after the round (a pytree of scalars,
+        e.g. HetLoRA's pruning signal; ``()`` when there are none).
+    """
+
+    value: Any
+    factor: jax.Array
+    report: Any = ()
+
+
+class Rule(NamedTuple):
+    """A federated method's aggregation rule: traced pure functions the engine calls inside the
+    compiled round, listed in the order of a round (think optax's ``GradientTransformation``).
+
+    Attributes:
+      init: ``(trainable, weights (N,)) -> RuleState``: the rule's state at round 0, given the
+        global trainables and the clients' data weights ``a``.
+      base: ``(base, server) -> base``: the frozen base the clients and the evaluation run on.
+      start: ``(trainable, rows, template, k (), key) -> (trainable, sketch)``: one client's initial
+        trainables and rank masks, from the global trainables, its per-client ``rows`` of
+        ``RuleState.clients``, the all-ones mask ``template``, its kept rank and its key.
+      message: ``(start, delta, sketch) -> Message``: what one client sends after training.
+      reduce: ``(weights (C,), values (C, ...)) -> sums``: a chunk's messages weighted and summed
+        (then ``psum`` over devices); the engine derives the zero sums from its output shape.
+      finish: ``(trainable, server, sums, weight_sum ()) -> (update, server)``: the update of the
+        global trainables (the server optimizer applies it; ``sgd`` at rate 1 adds it) and the new
+        server state, from the round's sums.
+      keep: ``(start, delta, rows) -> rows``: a participant's new per-client rows.
+      model: ``(trainable, state, client=None) -> trainable``: the trainables the evaluation runs
+        on: the global model, or client ``client``'s own (personalized rules).
+    """
+
+    init: Callable[[nnx.State, jax.Array], RuleState]
+    base: Callable[[nnx.State, dict], nnx.State]
+    start: Callable[[nnx.State, dict, nnx.State, jax.Array, jax.Array],
+                    tuple[nnx.State, nnx.State]]
+    message: Callable[[nnx.State, nnx.State, nnx.State], Message]
+    reduce: Callable[[jax.Array, Any], Any]
+    finish: Callable[[nnx.State, dict, Any, jax.Array], tuple[nnx.State, dict]]
+    keep: Callable[[nnx.State, nnx.State, dict], dict]
+    model: Callable[..., nnx.State]
+
+
 @dataclasses.dataclass(frozen=True)
-class TruncatingAggregator(Aggregator):
-    """Clients train the first ``k_n`` components of the global adapter, unscaled (HetLoRA,
-    FlexLoRA): truncation instead of FSLoRA's random, rescaled sketch."""
+class Costs:
+    """What one round of a method costs beyond local training: parameters sent each way (the clock
+    turns them into time at ``PARAM_BITS`` each) and the server's FLOPs.
 
-    def start(self, trainable, rows, template, k, key):
-        del rows, key
-        return trainable, prefix_sketch(k, template)
+    Attributes:
+      rank: the global LoRA rank ``r``; a client of rank ``k`` sends ``k / r`` of ``upload_lora``.
+      upload_lora: LoRA parameters a full-rank client uploads.
+      download_lora: LoRA parameters the server broadcasts before a round (per full-rank
+        participant when ``stacked_download``).
+      head: parameters of the heads, sent whole both ways.
+      server_flops: FLOPs of one aggregation beyond the weighted sum (e.g. an SVD per layer).
+      stacked_download: the broadcast is the round's stacked adapters (FLoRA), so it grows with
+        ``sum_n I_n k_n / r``.
+    """
+
+    rank: int
+    upload_lora: float
+    download_lora: float
+    head: float
+    server_flops: float = 0.0
+    stacked_download: bool = False
+
+    def upload(self, k) -> jax.Array:
+        """Parameters each client of kept rank ``k`` (any shape) uploads."""
+        return k / self.rank * self.upload_lora + self.head
+
+    def download(self, mask, k) -> jax.Array:
+        """Parameters broadcast before a round with participants ``mask`` (N,) of ranks ``k`` (N,)."""
+        if self.stacked_download:
+            return jnp.sum(jnp.where(mask, k, 0)) / self.rank * self.download_lora + self.head
+        return jnp.float32(self.download_lora + self.head)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProductAggregator(TruncatingAggregator):
+def adapter_costs(sizes: AdapterSizes, rank: int) -> Costs:
+    """The costs of sending the whole adapter and heads each way, with no server work beyond the
+    weighted sum (FSLoRA, FedIT, HetLoRA, ...)."""
+    return Costs(rank=rank, upload_lora=float(sizes.lora), download_lora=sizes.lora,
+                 head=sizes.head)
+
+
+# ------------------------------------------------------------------- FSLoRA's rule, piece by piece
+
+def stateless(trainable: nnx.State, weights: jax.Array) -> RuleState:
+    """No server or per-client state."""
+    del trainable, weights
+    return RuleState(server={}, clients={})
+
+
+def same_base(base: nnx.State, server: dict) -> nnx.State:
+    """The frozen base as it is."""
+    del server
+    return base
+
+
+def random_sketch(trainable, rows, template, k, key, *, shared: bool = True):
+    """FSLoRA's start: the global trainables and a random ``k``-of-``r`` sketch scaled ``r / k``
+    (``shared``: one draw for all layers, else one per layer)."""
+    del rows
+    return trainable, draw_sketch(key, k, template, shared_across_layers=shared)
+
+
+def rank_prefix(trainable, rows, template, k, key):
+    """Truncation instead of a random sketch: the first ``k`` components, unscaled (HetLoRA,
+    FlexLoRA)."""
+    del rows, key
+    return trainable, prefix_sketch(k, template)
+
+
+def delta_message(start, delta, sketch) -> Message:
+    """The client's delta, at weight factor 1."""
+    del start, sketch
+    return Message(delta, jnp.ones((), jnp.float32))
+
+
+def weighted_sum(weights: jax.Array, values):
+    """``sum_c weights_c values_c`` over a chunk's clients (leading axis of ``values``)."""
+    return jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1), values)
+
+
+def sum_is_update(trainable, server, total, weight_sum):
+    """The weighted sum of deltas is the update (``sum_n a_n I_n / q_n delta_n``)."""
+    del trainable, weight_sum
+    return total, server
+
+
+def keep_rows(start, delta, rows) -> dict:
+    """Per-client rows unchanged (stateless clients)."""
+    del start, delta
+    return rows
+
+
+def global_model(trainable, state: RuleState, client=None) -> nnx.State:
+    """Every client, and the evaluation, run on the global trainables."""
+    del state, client
+    return trainable
+
+
+def sketched(shared_sketch: bool = True) -> Rule:
+    """FSLoRA's rule (the paper's, and FedIT's when ``k = r``): a random ``k``-of-``r`` sketch
+    scaled ``r / k``, the delta as message, ``sum_n a_n I_n / q_n delta_n`` as the server's update.
+    ``shared_sketch``: one sketch draw for all layers of a client (else one per layer)."""
+    return Rule(init=stateless, base=same_base,
+                start=functools.partial(random_sketch, shared=shared_sketch),
+                message=delta_message, reduce=weighted_sum, finish=sum_is_update, keep=keep_rows,
+                model=global_model)
+
+
+# -------------------------------------------------------- rules that aggregate adapter products
+
+def product_message(start, delta, sketch) -> Message:
+    """The client's final factors zero-padded outside its rank prefix, and its head deltas."""
+    final = restrict_to_sketch(jax.tree.map(jnp.add, start, delta), sketch)
+    return Message(lora_from(final, delta), jnp.ones((), jnp.float32))
+
+
+def product_sum(weights: jax.Array, values):
+    """``(per layer: sum_c w_c A_c B_c as the stacked product, weighted sum of the head deltas)``
+    (:func:`stack_factors`)."""
+    products = {}
+    for layer, (a, b) in lora_factors(values).items():
+        a_stack, b_stack = stack_factors(weights, a, b)
+        products[layer] = a_stack @ b_stack
+    return products, weighted_sum(weights, values)
+
+
+def product_averages(total, weight_sum: jax.Array):
+    """``(mean product per layer, mean delta)`` over the round's participants (weights
+    normalized to sum to one among them, as FedAvg; zeros when nobody took part)."""
+    products, deltas = total
+    return normalized(products, weight_sum), normalized(deltas, weight_sum)
+
+
+def products_rule(finish) -> Rule:
     """Shared by the rules that aggregate adapter *products* ``A_n B_n`` (FlexLoRA, FLoRA):
-    clients hold a rank prefix; a client's message is its zero-padded final factors and its head
-    deltas; a chunk's sum is, per layer, the stacked product ``sum_c w_c A_c B_c``
-    (:func:`stack_factors`) and, for the heads, the weighted sum of deltas."""
-
-    def message(self, start, delta, sketch):
-        final = restrict_to_sketch(jax.tree.map(jnp.add, start, delta), sketch)  # zero-padded
-        return lora_from(final, delta), jnp.ones((), jnp.float32)
-
-    def reduce(self, weights, messages):
-        products = {}
-        for layer, (a, b) in lora_factors(messages).items():
-            a_stack, b_stack = stack_factors(weights, a, b)
-            products[layer] = a_stack @ b_stack
-        return products, super().reduce(weights, messages)
-
-    def zeros(self, trainable):
-        return ({layer: jnp.zeros((a.shape[0], b.shape[1]), a.dtype)
-                 for layer, (a, b) in lora_factors(trainable).items()}, super().zeros(trainable))
-
-    def averages(self, total, weight_sum):
-        """``(mean product per layer, mean delta)`` over the round's participants (weights
-        normalized to sum to one among them, as FedAvg; zeros when nobody took part)."""
-        products, deltas = total
-        return normalized(products, weight_sum), normalized(deltas, weight_sum)
+    clients hold a rank prefix and send their zero-padded final factors and head deltas; a chunk
+    sums the stacked products; ``finish`` makes the update from :func:`product_averages`."""
+    return sketched()._replace(start=rank_prefix, message=product_message, reduce=product_sum,
+                               finish=finish)
 
 
-def check_client_state_memory(aggregator: Aggregator, trainable: nnx.State, num_clients: int,
+def check_client_state_memory(rule: Rule, trainable: nnx.State, num_clients: int,
                               limit_bytes: float = 4 * 2 ** 30) -> None:
     """Refuses per-client state that would not fit (FedSA-LoRA keeps every client's ``B``)."""
-    rows = jax.eval_shape(lambda: aggregator.init_state(trainable, jnp.ones(num_clients)).clients)
+    rows = jax.eval_shape(lambda: rule.init(trainable, jnp.ones(num_clients)).clients)
     size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(rows))
     if size > limit_bytes:
-        raise ValueError(f"{type(aggregator).__name__} keeps per-client state of "
+        raise ValueError(f"The aggregation rule keeps per-client state of "
                          f"{size / 2 ** 30:.1f} GiB for {num_clients} clients (limit "
                          f"{limit_bytes / 2 ** 30:.0f} GiB): use fewer clients or a smaller "
                          "rank, or a stateless strategy.")

@@ -12,7 +12,7 @@ from flax import nnx
 
 from fedlora_jax import strategies, wireless
 from fedlora_jax import config as config_lib
-from fedlora_jax.aggregation import AdapterSizes, Aggregator, adapter_sizes
+from fedlora_jax.aggregation import AdapterSizes, Costs, adapter_sizes
 from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
@@ -154,17 +154,17 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
     strategy = strategies.strategy_of(cfg)
     strategy.adapt_model(model)
-    aggregator = strategy.aggregator(cfg.lora, cfg.federation)
     pool = ClientPool.from_partition(train, clients)
     parts = split_model(model)
     sizes = adapter_sizes(parts.trainable)
+    costs = strategy.costs(sizes, cfg.lora.rank)
     profile = make_profile(cfg, pool.num_clients)
-    workload = make_workload(cfg, parts, aggregator, sizes)
+    workload = make_workload(cfg, parts, costs, sizes)
     engine = FederatedEngine(parts, pool, get_loss(task),
                              client=cfg.client, client_optimizer=cfg.client_optimizer,
                              server_optimizer=cfg.server_optimizer, federation=cfg.federation,
-                             clock=make_clock(cfg, profile, workload, aggregator, sizes),
-                             aggregator=aggregator)
+                             clock=make_clock(cfg, profile, workload, costs),
+                             rule=strategy.rule(cfg.lora, cfg.federation), costs=costs)
     return Setup(engine, heldout, labels, description, owners, profile, workload)
 
 
@@ -174,12 +174,12 @@ def make_profile(cfg: config_lib.RunConfig, num_clients: int) -> wireless.System
                                      cfg.system)
 
 
-def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator, sizes: AdapterSizes
+def make_workload(cfg: config_lib.RunConfig, parts, costs: Costs, sizes: AdapterSizes
                   ) -> wireless.WorkloadModel:
     """Per-client work of a round for this model, shared by the clock and the strategies' solver.
 
     FLOPs count the base's non-embedding parameters (embedding lookups cost no matmul) and the
-    trained LoRA factors; the payload is what the aggregator says a full-rank client uploads
+    trained LoRA factors; the payload is what the method's costs say a full-rank client uploads
     (FedSA-LoRA: ``A`` only), scaled by each client's ``k/r`` in the time model.
     """
     base_params = sum(v[...].size for path, v in nnx.to_flat_state(parts.base)
@@ -188,24 +188,23 @@ def make_workload(cfg: config_lib.RunConfig, parts, aggregator: Aggregator, size
         base_params, sizes.lora, cfg.client.batch_size * cfg.data.max_length,
         cfg.client.local_steps, bits=PARAM_BITS)
     return dataclasses.replace(
-        workload, payload_bits_full_rank=PARAM_BITS * aggregator.uploaded_lora_params(sizes))
+        workload, payload_bits_full_rank=PARAM_BITS * costs.upload_lora)
 
 
 def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
-               workload: wireless.WorkloadModel, aggregator: Aggregator, sizes: AdapterSizes):
+               workload: wireless.WorkloadModel, costs: Costs):
     """The simulated wall-clock of a round: ``(mask, k) -> times`` (seconds).
 
-    ``total`` = broadcast of the global adapter (:meth:`Aggregator.download_params`) + the clients'
+    ``total`` = broadcast of the global adapter (:meth:`Costs.download`) + the clients'
     compute and upload (:func:`wireless.round_time`, bandwidth allocated as configured) + the
-    server's aggregation work (:meth:`Aggregator.server_flops`)."""
+    server's aggregation work (:attr:`Costs.server_flops`)."""
     rank, system = cfg.lora.rank, cfg.system
     adaptive = cfg.bandwidth_allocation == "adaptive"
-    server_flops = aggregator.server_flops(sizes)
 
     def clock(mask, k):
         times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
-        download_bits = PARAM_BITS * aggregator.download_params(mask, k, rank, sizes)
-        phases = wireless.server_phases(system, download_bits, server_flops)
+        download_bits = PARAM_BITS * costs.download(mask, k)
+        phases = wireless.server_phases(system, download_bits, costs.server_flops)
         phases = jax.tree.map(lambda t: jnp.where(mask.any(), t, 0.0), phases)
         return {**times, **phases, "total": times["total"] + phases["download"] + phases["server"]}
 
@@ -227,10 +226,9 @@ def strategy_context(cfg: config_lib.RunConfig, setup: Setup) -> strategies.Cont
     """What the run's strategy may know: sizes, data weights, network, workload and the per-round
     server-side time (broadcast of the full-rank adapter and aggregation work)."""
     engine = setup.engine
-    n, agg, sizes = engine.num_clients, engine.aggregator, engine.adapter_sizes
-    download = agg.download_params(np.ones(n, bool), np.full(n, engine.rank), engine.rank, sizes)
-    overhead = wireless.server_phases(cfg.system, PARAM_BITS * float(download),
-                                      agg.server_flops(sizes))
+    n, costs = engine.num_clients, engine.costs
+    download = costs.download(np.ones(n, bool), np.full(n, engine.rank))
+    overhead = wireless.server_phases(cfg.system, PARAM_BITS * float(download), costs.server_flops)
     return strategies.Context(
         rank=engine.rank, q_default=min(1.0, cfg.federation.participants / n),
         sketch_ratio=cfg.federation.sketch_ratio, weights=np.asarray(engine.pool.weights),
@@ -245,7 +243,7 @@ def evaluate(setup: Setup, state) -> dict[str, float]:
     scored by its owner's model."""
     row = prefixed(setup.engine.evaluate(state, setup.heldout), "eval_")
     engine = setup.engine
-    if engine.aggregator.personalized and setup.heldout_owners is not None:
+    if engine.personalized and setup.heldout_owners is not None:
         personal = engine.evaluate_personal(state, setup.heldout, setup.heldout_owners)
         row.update(prefixed(personal, "eval_personal_"))
     return row

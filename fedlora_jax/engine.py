@@ -10,9 +10,13 @@ results do not depend on how participants are packed into chunks.
 
 The client axis of a chunk is sharded over a one-axis device :class:`~jax.sharding.Mesh` (axis
 ``clients``) with :func:`jax.shard_map`; base weights, global trainables and the client pool are
-replicated, and the chunk's weighted sum of deltas is reduced across devices with ``psum``. One
-device is the mesh of size one, so the same program serves one device, many, and many hosts
-(``jax.distributed.initialize()`` before building the engine; ``docs/benchmarks.md``).
+replicated, and the chunk's weighted sum of deltas is reduced across devices with ``psum``. The
+chunk step's arguments are named pytrees whose shardings are prefixes: :class:`Replicated` (what
+every device holds), :class:`Carry` (the running :class:`Sums` and per-client rows, donated from
+chunk to chunk) and :class:`Chunk` (ids and validity, sharded over ``clients``); it returns each
+client's :class:`ClientReport`. One device is the mesh of size one, so the same program serves one
+device, many, and many hosts (``jax.distributed.initialize()`` before building the engine;
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -29,12 +34,13 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from fedlora_jax import sampling
-from fedlora_jax.aggregation import (Aggregator, AggregatorState, adapter_sizes,
-                                     check_client_state_memory, head_sq_norm)
+from fedlora_jax import sampling, solver
+from fedlora_jax.aggregation import (Costs, Rule, RuleState, adapter_costs, adapter_sizes,
+                                     check_client_state_memory, head_sq_norm, sketched)
 from fedlora_jax.client import ClientConfig, LossFn, ModelParts, train_clients
 from fedlora_jax.data.pool import ClientPool, iterate_batches, sample_batches
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
+from fedlora_jax.tasks import summarize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,25 +105,106 @@ class ServerState:
     round: jax.Array  # int32
     key: jax.Array
     clock: jax.Array  # simulated wall-clock seconds
-    agg: AggregatorState  # the aggregation rule's own state (empty for FSLoRA's)
+    agg: RuleState  # the aggregation rule's own state (empty for FSLoRA's)
+
+
+# ------------------------------------------------------------------------- the round's data, named
+
+@struct.dataclass
+class Replicated:
+    """What every device holds while a round's chunks train (replicated over the mesh)."""
+
+    base: nnx.State  # frozen base weights
+    trainable: nnx.State  # the global adapter and heads
+    template: nnx.State  # all-ones rank masks: one (r,) per LoRA layer
+    pool: ClientPool
+    server: dict  # the rule's server state (RuleState.server)
+    q: jax.Array  # (N,) inclusion probabilities
+    k: jax.Array  # (N,) int32 kept ranks
+    key: jax.Array  # the round's training key; client n's is fold_in(key, n)
+
+
+@struct.dataclass
+class Chunk:
+    """A chunk's client slots, sharded over the mesh axis ``clients``."""
+
+    ids: jax.Array  # (C,) int32 client ids (padding slots repeat a valid id)
+    valid: jax.Array  # (C,) bool: False on padding slots
+
+
+@struct.dataclass
+class Sums:
+    """A round's running sums: of the weighted messages (shaped as :attr:`Rule.reduce`'s output)
+    and of the weights ``a_n I_n / q_n`` times the messages' factors."""
+
+    total: Any
+    weight: jax.Array  # ()
+
+
+@struct.dataclass
+class Carry:
+    """What one chunk hands the next (replicated, donated): the round's sums and the rule's
+    per-client rows (:attr:`RuleState.clients`, leading axis ``N``)."""
+
+    sums: Sums
+    clients: dict
+
+
+@struct.dataclass
+class ClientReport:
+    """What the simulator records of each client (leading axis: clients)."""
+
+    update_sq_norm: jax.Array  # |delta_n|^2, for the G_n estimators
+    head_sq_norm: jax.Array  # the part of update_sq_norm from the (never sketched) heads
+    rule: Any  # the rule's own per-client report (Message.report; () for most rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTraining:
+    """How every client of a run trains, fixed when the engine is built: the model's graph and
+    dropout state, the loss, the client optimizer, ``steps`` local steps of ``batch_size``
+    examples, and the vmapped block size (``None``: the whole chunk at once)."""
+
+    graphdef: nnx.GraphDef
+    rngs: nnx.State
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    steps: int
+    batch_size: int
+    block_size: int | None
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundResult:
-    """Host-side record of one round."""
+    """Host-side record of one round.
 
-    participants: np.ndarray  # (P,) client ids
-    update_sq_norms: np.ndarray  # (P,) ||delta_n||^2, for the G_n estimators
-    reports: dict[str, np.ndarray]  # (P,) per client: head_sq_norm (the unsketched heads' part of
-    # update_sq_norms) and the aggregator's scalars (Aggregator.report)
+    Attributes:
+      participants: (P,) client ids.
+      clients: the participants' :class:`ClientReport` (host arrays, leading axis P).
+      applied_sq_norm: ``|D|^2`` of the update the server applied to the global trainables.
+      train_loss, train_accuracy: the participants' mean over their local steps.
+      uplink_params: parameters all participants uploaded.
+      times: simulated round time: ``total`` and its phases (:func:`fedlora_jax.wireless`).
+    """
+
+    participants: np.ndarray
+    clients: ClientReport
+    applied_sq_norm: float
     train_loss: float
     train_accuracy: float
     uplink_params: float
-    times: dict[str, float]  # simulated round time: total, and compute/upload of the bottleneck
+    times: dict[str, float]
 
 
 def validate_ranks(k, num_clients: int, rank: int) -> np.ndarray:
-    """Checks the per-client kept ranks ``k_n`` on the host; returns int32."""
+    """Checks the per-client kept ranks on the host.
+
+    Args:
+      k: ``(num_clients,)`` integers (or integral floats) in ``[1, rank]``.
+      num_clients, rank: ``N`` and the global LoRA rank ``r``.
+    Returns:
+      ``k`` as int32. Raises ``ValueError`` naming the first bad client.
+    """
     k = np.asarray(k)
     if k.shape != (num_clients,):
         raise ValueError(f"Sketch sizes k have shape {k.shape}; expected ({num_clients},).")
@@ -129,11 +216,6 @@ def validate_ranks(k, num_clients: int, rank: int) -> np.ndarray:
         raise ValueError(f"Sketch size k must lie in [1, r={rank}]; client {bad[0]} has "
                          f"k={k[bad[0]]} (ratio must be in [1/r, 1]).")
     return k.astype(np.int32)
-
-
-def ratio_to_rank(ratio, rank: int) -> np.ndarray:
-    """``k = round(rho * r)``, at least 1."""
-    return np.clip(np.round(np.asarray(ratio, np.float64) * rank), 1, rank).astype(np.int32)
 
 
 CLIENTS = "clients"  # the mesh axis of the client dimension
@@ -170,71 +252,98 @@ def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
     return -(-chunk_size // size) * size
 
 
-def _chunk_step(graphdef, rngs, loss_fn, optimizer, steps, batch_size, block_size,
-                aggregator: Aggregator, base, trainable, template, pool: ClientPool, acc,
-                agg_server, agg_clients, ids, valid, q, k, key):
+def _chunk_step(local: LocalTraining, rule: Rule, shared: Replicated, carry: Carry, chunk: Chunk
+                ) -> tuple[Carry, ClientReport, dict]:
     """Trains this device's clients of a chunk and adds their weighted messages to the round's
-    sums (``psum`` over the ``clients`` axis); updates the participants' per-client rows.
-    Runs inside :func:`jax.shard_map`. ``acc`` is ``(sum of weighted messages, sum of weights)``."""
+    sums (``psum`` over the ``clients`` axis); writes back the participants' per-client rows.
+    Runs inside :func:`jax.shard_map`; returns the new carry, the chunk's :class:`ClientReport`
+    (gathered over devices, ``(C,)``) and its summed training metrics."""
+    ids, valid = chunk.ids, chunk.valid
     chex.assert_equal_shape([ids, valid])
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), 3))(ids)
-    rows = jax.tree.map(lambda x: x[ids], agg_clients)
-    trainable = jax.lax.pcast(trainable, CLIENTS, to="varying")  # each device trains its own copy
-    starts, sketches = jax.vmap(aggregator.start, in_axes=(None, 0, None, 0, 0))(
-        trainable, rows, template, k[ids], keys[:, 0])
-    batches = jax.vmap(lambda i, kk: sample_batches(pool, i, kk, steps, batch_size))(ids, keys[:, 1])
-    deltas, metrics = train_clients(graphdef, aggregator.client_base(base, agg_server), starts,
-                                    sketches, batches, loss_fn=loss_fn, optimizer=optimizer,
-                                    rngs=rngs, keys=keys[:, 2], block_size=block_size,
-                                    trainable_axis=0)
-    messages, factors = jax.vmap(aggregator.message)(starts, deltas, sketches)
-    weights = jnp.where(valid, pool.weights[ids] / q[ids] * factors, 0.0)
-    total, weight_sum = acc
-    acc = (jax.tree.map(lambda s, m: s + jax.lax.psum(m, CLIENTS), total,
-                        aggregator.reduce(weights, messages)),
-           weight_sum + jax.lax.psum(weights.sum(), CLIENTS))
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(shared.key, i), 3))(ids)
+    rows = jax.tree.map(lambda x: x[ids], carry.clients)
+    trainable = jax.lax.pcast(shared.trainable, CLIENTS, to="varying")  # each device its own copy
+    starts, sketches = jax.vmap(rule.start, in_axes=(None, 0, None, 0, 0))(
+        trainable, rows, shared.template, shared.k[ids], keys[:, 0])
+    batches = jax.vmap(lambda i, key: sample_batches(shared.pool, i, key, local.steps,
+                                                     local.batch_size))(ids, keys[:, 1])
+    deltas, metrics = train_clients(local.graphdef, rule.base(shared.base, shared.server), starts,
+                                    sketches, batches, loss_fn=local.loss_fn,
+                                    optimizer=local.optimizer, rngs=local.rngs, keys=keys[:, 2],
+                                    block_size=local.block_size, trainable_axis=0)
+    messages = jax.vmap(rule.message)(starts, deltas, sketches)
+    weights = jnp.where(valid, shared.pool.weights[ids] / shared.q[ids] * messages.factor, 0.0)
+    psum = lambda x: jax.lax.psum(x, CLIENTS)
+    sums = Sums(total=jax.tree.map(lambda s, m: s + psum(m), carry.sums.total,
+                                   rule.reduce(weights, messages.value)),
+                weight=carry.sums.weight + psum(weights.sum()))
     gather = lambda x: jax.lax.all_gather(x, CLIENTS, tiled=True, to="invarying")
-    if jax.tree.leaves(agg_clients):  # per-client state: write back the participants' rows
-        new_rows = jax.vmap(aggregator.keep)(starts, deltas, rows)
-        slots = gather(jnp.where(valid, ids, jax.tree.leaves(agg_clients)[0].shape[0]))
-        agg_clients = jax.tree.map(lambda x, r: x.at[slots].set(gather(r), mode="drop"),
-                                   agg_clients, new_rows)
-    reports = {"sq_norm": sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1)
-                              for d in jax.tree.leaves(deltas)),
-               "head_sq_norm": jax.vmap(head_sq_norm)(deltas),
-               **jax.vmap(aggregator.report)(starts, deltas, sketches)}
-    metrics = jax.tree.map(lambda m: jax.lax.psum(jnp.where(valid, m, 0).sum(), CLIENTS), metrics)
-    return acc, agg_clients, jax.tree.map(gather, reports), metrics
+    clients = carry.clients
+    if jax.tree.leaves(clients):  # per-client state: write back the participants' rows
+        new_rows = jax.vmap(rule.keep)(starts, deltas, rows)
+        slots = gather(jnp.where(valid, ids, jax.tree.leaves(clients)[0].shape[0]))
+        clients = jax.tree.map(lambda x, r: x.at[slots].set(gather(r), mode="drop"),
+                               clients, new_rows)
+    report = ClientReport(update_sq_norm=sum(jnp.sum(d.reshape(d.shape[0], -1) ** 2, 1)
+                                             for d in jax.tree.leaves(deltas)),
+                          head_sq_norm=jax.vmap(head_sq_norm)(deltas), rule=messages.report)
+    metrics = jax.tree.map(lambda m: psum(jnp.where(valid, m, 0).sum()), metrics)
+    return Carry(sums=sums, clients=clients), jax.tree.map(gather, report), metrics
 
 
-def _initial_state(optimizer, aggregator: Aggregator, trainable, weights, seed) -> ServerState:
-    """Round 0: the global trainables, a fresh server optimizer and the aggregator's state."""
+def _one_client_shapes(rule: Rule, trainable: nnx.State, template: nnx.State, clients: dict):
+    """``(shapes of rule.reduce's output, shapes of one client's report)``, by tracing one client
+    through ``start``, ``message`` and ``reduce`` abstractly (nothing runs)."""
+    def one_client(trainable, template, clients):
+        rows = jax.tree.map(lambda x: x[0], clients)
+        start, sketch = rule.start(trainable, rows, template, jnp.int32(1), jax.random.key(0))
+        message = rule.message(start, start, sketch)
+        values = jax.tree.map(lambda x: x[None], message.value)
+        return rule.reduce(jnp.zeros(1, jnp.float32), values), message.report
+    return jax.eval_shape(one_client, trainable, template, clients)
+
+
+def _initial_state(optimizer, rule: Rule, trainable, weights, seed) -> ServerState:
+    """Round 0: the global trainables, a fresh server optimizer and the rule's state."""
     return ServerState(trainable=trainable, opt_state=optimizer.init(trainable),
                        round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
-                       clock=jnp.zeros((), jnp.float32),
-                       agg=aggregator.init_state(trainable, weights))
+                       clock=jnp.zeros((), jnp.float32), agg=rule.init(trainable, weights))
 
 
-def _server_step(optimizer, aggregator: Aggregator, state: ServerState, acc, round_time
-                 ) -> ServerState:
-    """The aggregator turns the round's sums into an update ``u`` of the global trainables (and its
-    own server state); the server optimizer applies the pseudo-gradient ``-u``."""
-    update, server = aggregator.finish(state.trainable, state.agg.server, *acc)
+def _server_step(optimizer, rule: Rule, state: ServerState, sums: Sums, round_time
+                 ) -> tuple[ServerState, jax.Array]:
+    """The rule turns the round's sums into an update ``u`` of the global trainables (and its own
+    server state); the server optimizer applies the pseudo-gradient ``-u``. Also returns
+    ``|D|^2``, the squared norm of the change it made to the global trainables."""
+    update, server = rule.finish(state.trainable, state.agg.server, sums.total, sums.weight)
     updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, update), state.opt_state,
                                           state.trainable)
-    return state.replace(trainable=optax.apply_updates(state.trainable, updates),
-                         opt_state=opt_state, round=state.round + 1,
-                         clock=state.clock + round_time, agg=state.agg.replace(server=server))
+    trainable = optax.apply_updates(state.trainable, updates)
+    applied = sum(jnp.sum((new - old) ** 2) for new, old in
+                  zip(jax.tree.leaves(trainable), jax.tree.leaves(state.trainable)))
+    return state.replace(trainable=trainable, opt_state=opt_state, round=state.round + 1,
+                         clock=state.clock + round_time,
+                         agg=state.agg.replace(server=server)), applied
 
 
 class FederatedEngine:
     """Runs rounds of federated sketched LoRA over a :class:`ClientPool`.
 
     Compiled functions are built once here; ``run_round`` only packs participant ids on the host.
-    ``clock(mask (N,), k (N,)) -> {"total": seconds, ...}`` advances the simulated wall-clock
-    (see :func:`fedlora_jax.wireless.round_time`; the clock stands still when omitted).
-    ``mesh``: a one-axis ``clients`` mesh to shard each chunk over (default: ``federation.devices``
-    devices); ``chunk_size`` is the chunk size after padding to a multiple of its devices.
+
+    Args:
+      parts: the split model (:func:`fedlora_jax.client.split_model`).
+      pool: the registered clients' data.
+      loss_fn: ``(model, batch) -> (loss, metrics)`` with ``loss_sum``, ``correct``, ``count``.
+      client, client_optimizer: local training (steps, batch) and the clients' optimizer.
+      server_optimizer: applies the rule's update as a pseudo-gradient (default: FedAvg).
+      federation: sampling scheme, chunk and block sizes, default ``q`` and sketch ratio, devices.
+      clock: ``(mask (N,), k (N,)) -> {"total": seconds, ...}`` advances the simulated wall-clock
+        (see :func:`fedlora_jax.wireless.round_time`; it stands still when omitted).
+      mesh: a one-axis ``clients`` mesh to shard each chunk over (default: ``federation.devices``
+        devices); ``chunk_size`` is the chunk size after padding to a multiple of its devices.
+      rule: the method's aggregation rule (default: FSLoRA's, :func:`aggregation.sketched`).
+      costs: the method's costs, for ``RoundResult.uplink_params`` (default: the whole adapter).
     """
 
     def __init__(self, parts: ModelParts, pool: ClientPool, loss_fn: LossFn, *,
@@ -243,13 +352,13 @@ class FederatedEngine:
                  server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0),
                  federation: FederationConfig = FederationConfig(),
                  clock: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
-                 mesh: Mesh | None = None, aggregator: Aggregator | None = None):
+                 mesh: Mesh | None = None, rule: Rule | None = None, costs: Costs | None = None):
         self.mesh = client_mesh(federation.devices) if mesh is None else mesh
         self.chunk_size = check_mesh(self.mesh, federation.devices, federation.chunk_size)
-        self.aggregator = (Aggregator(shared_sketch=federation.shared_sketch) if aggregator is None
-                           else aggregator)
-        check_client_state_memory(self.aggregator, parts.trainable, pool.num_clients)
+        self.rule = sketched(federation.shared_sketch) if rule is None else rule
+        check_client_state_memory(self.rule, parts.trainable, pool.num_clients)
         self._replicated = jax.NamedSharding(self.mesh, jax.P())
+        self._by_client = jax.NamedSharding(self.mesh, jax.P(CLIENTS))  # may span processes
         parts = dataclasses.replace(parts, **{name: jax.device_put(getattr(parts, name),
                                                                    self._replicated)
                                               for name in ("base", "trainable", "sketch")})
@@ -257,60 +366,85 @@ class FederatedEngine:
         self.parts, self.pool, self.cfg, self.client_cfg = parts, pool, federation, client
         self.rank = int(jax.tree.leaves(parts.sketch)[0].shape[-1])
         self.adapter_sizes = adapter_sizes(parts.trainable)
+        self.costs = adapter_costs(self.adapter_sizes, self.rank) if costs is None else costs
+        rows = jax.eval_shape(lambda: self.rule.init(parts.trainable, pool.weights).clients)
+        self.personalized = bool(jax.tree.leaves(rows))  # clients keep their own state
+        self._sum_shapes, self._report_shapes = _one_client_shapes(
+            self.rule, parts.trainable, parts.sketch, rows)
         self._server_opt = make_optimizer(server_optimizer)
         self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
-        chunk_step = functools.partial(
-            _chunk_step, parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
-            client.local_steps, client.batch_size, federation.block_size, self.aggregator)
+        local = LocalTraining(parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
+                              client.local_steps, client.batch_size, federation.block_size)
         rep, sharded = jax.P(), jax.P(CLIENTS)
-        specs = (rep, rep, rep, rep, rep, rep, rep, sharded, sharded, rep, rep, rep)
         self._chunk = jax.jit(
-            jax.shard_map(chunk_step, mesh=self.mesh, in_specs=specs,
-                          out_specs=(rep, rep, rep, rep)),
-            in_shardings=tuple(jax.NamedSharding(self.mesh, spec) for spec in specs),
-            donate_argnums=(4, 6))
-        self._init = jax.jit(functools.partial(_initial_state, self._server_opt, self.aggregator),
+            jax.shard_map(functools.partial(_chunk_step, local, self.rule), mesh=self.mesh,
+                          in_specs=(rep, rep, sharded), out_specs=rep),
+            in_shardings=(self._replicated, self._replicated, self._by_client),
+            donate_argnums=1)  # the carry
+        self._init = jax.jit(functools.partial(_initial_state, self._server_opt, self.rule),
                              out_shardings=self._replicated)  # fresh buffers: the state's are donated
-        self._server = jax.jit(functools.partial(_server_step, self._server_opt, self.aggregator),
+        self._server = jax.jit(functools.partial(_server_step, self._server_opt, self.rule),
                                donate_argnames=("state",))
         self._clock = clock
-        self._global_model = jax.jit(self.aggregator.global_model)
-        self._client_model = jax.jit(self.aggregator.client_model)
+        self._model = jax.jit(self.rule.model)
         self._eval = jax.jit(lambda trainable, base, server, batch: loss_fn(
             nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
-                      self.aggregator.client_base(base, server)), batch)[1])
+                      self.rule.base(base, server)), batch)[1])
 
     @property
     def num_clients(self) -> int:
+        """``N``, the registered clients."""
         return self.pool.num_clients
 
     def default_q(self) -> np.ndarray:
+        """``(N,)`` float32: ``participants / N`` (clipped to 1) for every client."""
         return np.full(self.num_clients, min(1.0, self.cfg.participants / self.num_clients),
                        np.float32)
 
     def default_k(self) -> np.ndarray:
-        return ratio_to_rank(np.full(self.num_clients, self.cfg.sketch_ratio), self.rank)
+        """``(N,)`` int32: the configured sketch ratio's rank ``round(rho r)`` for every client."""
+        rho = jnp.full(self.num_clients, self.cfg.sketch_ratio, jnp.float32)
+        return np.asarray(solver.round_rho(rho, self.rank))
 
     def init(self, seed: int | None = None) -> ServerState:
         """The first round's state, replicated over the mesh as every round leaves it (no retrace);
-        built by a compiled function, which is how every process of a multi-host job gets it."""
+        built by a compiled function, which is how every process of a multi-host job gets it.
+
+        Args:
+          seed: seeds the run's key (default: ``federation.seed``).
+        """
         return self._init(self.parts.trainable, self.pool.weights,
                           self.cfg.seed if seed is None else seed)
 
     def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
-        """The compiled chunk step of this run (its ``memory_analysis()`` is a chunk's memory)."""
+        """The compiled chunk step of this run for ``state`` (its ``memory_analysis()`` is a
+        chunk's memory)."""
         ids = np.zeros(self.chunk_size, np.int32)
-        q, k = jax.device_put((self.default_q(), self.default_k()), self._replicated)
-        return self._chunk.lower(self.parts.base, state.trainable, self.parts.sketch, self.pool,
-                                 self._zero_sums(state), state.agg.server, state.agg.clients, ids,
-                                 ids > 0, q, k, state.key).compile()
+        shared = self._replicated_of(state, self.default_q(), self.default_k(), state.key)
+        return self._chunk.lower(shared, self._new_carry(state), Chunk(ids, ids > 0)).compile()
 
-    def _zero_sums(self, state: ServerState):
-        return jax.device_put((self.aggregator.zeros(state.trainable), jnp.float32(0.0)),
-                              self._replicated)
+    def _replicated_of(self, state: ServerState, q: np.ndarray, k: np.ndarray, key: jax.Array
+                       ) -> Replicated:
+        q, k = jax.device_put((q, k), self._replicated)
+        return Replicated(base=self.parts.base, trainable=state.trainable,
+                          template=self.parts.sketch, pool=self.pool, server=state.agg.server,
+                          q=q, k=k, key=key)
+
+    def _new_carry(self, state: ServerState) -> Carry:
+        """Zero sums and the state's per-client rows: what the round's first chunk starts from."""
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._sum_shapes)
+        return Carry(sums=jax.device_put(Sums(zeros, jnp.float32(0.0)), self._replicated),
+                     clients=state.agg.clients)
 
     def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pads participant ids to whole chunks: ``(num_chunks, C)`` ids and validity mask."""
+        """Pads participant ids to whole chunks.
+
+        Args:
+          participants: ``(P,)`` int client ids.
+        Returns:
+          ``(num_chunks, C)`` int32 ids and the bool validity mask of the same shape
+          (``num_chunks = ceil(P / C)``, zero for ``P = 0``).
+        """
         c = self.chunk_size
         num_chunks = -(-participants.size // c)
         ids = np.zeros(num_chunks * c, np.int32)
@@ -319,63 +453,92 @@ class FederatedEngine:
         return ids.reshape(num_chunks, c), valid.reshape(num_chunks, c)
 
     def run_round(self, state: ServerState, q=None, k=None) -> tuple[ServerState, RoundResult]:
-        """One round with per-client sampling probabilities ``q`` and kept ranks ``k``."""
+        """One round: sample, train the participants chunk by chunk, aggregate, advance the clock.
+
+        Args:
+          state: the run's state; its buffers are donated (use the returned state).
+          q: ``(N,)`` sampling probabilities in ``(0, 1]`` (default :meth:`default_q`).
+          k: ``(N,)`` integer kept ranks in ``[1, r]`` (default :meth:`default_k`).
+        Returns:
+          The next state and the round's :class:`RoundResult`.
+        Raises:
+          FloatingPointError: a client's update is not finite.
+        """
         q = sampling.validate_probabilities(self.default_q() if q is None else q, self.num_clients)
         k = validate_ranks(self.default_k() if k is None else k, self.num_clients, self.rank)
         q_incl = sampling.inclusion_probabilities(self.cfg.sampling, q).astype(np.float32)
-        key, k_sample, k_train = jax.random.split(state.key, 3)
-        mask = self._sample(k_sample, jnp.asarray(q))
+        key, sample_key, train_key = jax.random.split(state.key, 3)
+        mask = self._sample(sample_key, jnp.asarray(q))
         participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
         ids, valid = self.pack(participants)
-        acc, clients = self._zero_sums(state), state.agg.clients
-        q_dev, k_dev = jax.device_put((q_incl, k), self._replicated)
-        reports, totals = [], {}
-        by_client = jax.NamedSharding(self.mesh, jax.P(CLIENTS))  # may span other processes
+        shared = self._replicated_of(state, q_incl, k, train_key)
+        carry, reports, metric_sums = self._new_carry(state), [], {}
         for chunk in zip(ids, valid):
-            acc, clients, chunk_reports, metrics = self._chunk(
-                self.parts.base, state.trainable, self.parts.sketch, self.pool, acc,
-                state.agg.server, clients, *jax.device_put(chunk, by_client), q_dev, k_dev, k_train)
-            reports.append(chunk_reports)  # stays on device: no host sync between chunks
-            totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
-        times = ({"total": jnp.float32(0.0)} if self._clock is None else self._clock(mask, k_dev))
-        state = state.replace(key=key, agg=state.agg.replace(clients=clients))
-        state = self._server(state, acc, times["total"])
-        reports = ({name: np.concatenate([np.asarray(r[name]) for r in reports])[valid.ravel()]
-                    for name in reports[0]} if reports else
-                   {"sq_norm": np.zeros(0, np.float32), "head_sq_norm": np.zeros(0, np.float32)})
-        sq = reports.pop("sq_norm")
-        if not np.isfinite(sq).all():
+            carry, report, metrics = self._chunk(shared, carry,
+                                                 jax.device_put(Chunk(*chunk), self._by_client))
+            reports.append(report)  # stays on device: no host sync between chunks
+            metric_sums = (jax.tree.map(jnp.add, metric_sums, metrics) if metric_sums
+                           else metrics)
+        times = ({"total": jnp.float32(0.0)} if self._clock is None
+                 else self._clock(mask, shared.k))
+        state = state.replace(key=key, agg=state.agg.replace(clients=carry.clients))
+        state, applied = self._server(state, carry.sums, times["total"])
+        clients = self._participants_report(reports, valid)
+        if not np.isfinite(clients.update_sq_norm).all():
             raise FloatingPointError(
                 f"Client updates became NaN/inf in round {int(state.round)}: lower the client "
                 "learning rate, add client_optimizer.clip_norm, or use a smaller server learning rate.")
-        count = float(totals["count"]) if totals else 0.0
-        uplink = self.aggregator.upload_params(k[participants], self.rank, self.adapter_sizes)
+        count = float(metric_sums["count"]) if metric_sums else 0.0
         return state, RoundResult(
-            participants=participants, update_sq_norms=sq, reports=reports,
-            train_loss=float(totals["loss_sum"]) / count if count else float("nan"),
-            train_accuracy=float(totals["correct"]) / count if count else float("nan"),
-            uplink_params=float(np.sum(uplink)),
+            participants=participants, clients=clients, applied_sq_norm=float(applied),
+            train_loss=float(metric_sums["loss_sum"]) / count if count else float("nan"),
+            train_accuracy=float(metric_sums["correct"]) / count if count else float("nan"),
+            uplink_params=float(np.sum(self.costs.upload(k[participants]))),
             times={name: float(t) for name, t in times.items()})
 
+    def _participants_report(self, reports: list[ClientReport], valid: np.ndarray
+                             ) -> ClientReport:
+        """The chunks' reports on the host, padding slots dropped (empty rows for no chunk)."""
+        if not reports:
+            return ClientReport(
+                update_sq_norm=np.zeros(0, np.float32), head_sq_norm=np.zeros(0, np.float32),
+                rule=jax.tree.map(lambda s: np.zeros((0,) + s.shape, s.dtype),
+                                  self._report_shapes))
+        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[valid.ravel()],
+                            *reports)
+
     def evaluate(self, state: ServerState, examples: dict, batch_size: int = 64) -> dict[str, float]:
-        """Loss and accuracy of the global model (un-sketched) on held-out examples."""
-        trainable = self._global_model(state.trainable, state.agg)
-        return _rates(self._score(trainable, state, examples, batch_size))
+        """Loss and accuracy of the global model (un-sketched, :attr:`Rule.model`).
+
+        Args:
+          state: the run's state (not donated).
+          examples: held-out examples, arrays with a leading example axis.
+          batch_size: examples per compiled evaluation call.
+        """
+        trainable = self._model(state.trainable, state.agg)
+        return summarize(self._score(trainable, state, examples, batch_size))
 
     def evaluate_personal(self, state: ServerState, examples: dict, owners: np.ndarray,
                           batch_size: int = 8) -> dict[str, float]:
         """Loss and accuracy with every held-out example scored by its owner's model
-        (:meth:`Aggregator.client_model`: personalized rules such as FedSA-LoRA)."""
+        (``Rule.model(..., client)``: personalized rules such as FedSA-LoRA).
+
+        Args:
+          state: the run's state (not donated).
+          examples: held-out examples, arrays with a leading example axis ``H``.
+          owners: ``(H,)`` the client each example belongs to.
+          batch_size: examples per compiled evaluation call.
+        """
         owners = np.asarray(owners)
         if owners.shape != (next(iter(examples.values())).shape[0],):
             raise ValueError(f"owners has shape {owners.shape}: give one client per example.")
         totals = None
         for n in np.unique(owners):
-            trainable = self._client_model(state.trainable, state.agg, jnp.int32(n))
-            subset = {k: np.asarray(v)[owners == n] for k, v in examples.items()}
+            trainable = self._model(state.trainable, state.agg, jnp.int32(n))
+            subset = {name: np.asarray(v)[owners == n] for name, v in examples.items()}
             m = self._score(trainable, state, subset, batch_size)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        return _rates(totals)
+        return summarize(totals)
 
     def _score(self, trainable: nnx.State, state: ServerState, examples: dict, batch_size: int):
         totals = None
@@ -383,8 +546,3 @@ class FederatedEngine:
             m = self._eval(trainable, self.parts.base, state.agg.server, batch)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         return totals
-
-
-def _rates(totals: dict) -> dict[str, float]:
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}

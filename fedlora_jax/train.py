@@ -139,12 +139,10 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                     for r in range(int(state.round) + 1, rounds + 1):
                         if strategy.due(r):
                             plan = _plan(strategy, r, ctx, est, log)
-                        before = jax.device_get(state.trainable)
                         new_state, result = _run_round(engine, state, plan, r, bound, checkpoints)
-                        applied = strategies.tree_sq_norm(new_state.trainable, before)
-                        new_est = strategies.observe(est, ctx, plan, result.participants,
-                                                     result.update_sq_norms, applied,
-                                                     head_sq_norms=result.reports["head_sq_norm"])
+                        new_est = strategies.observe(
+                            est, ctx, plan, result.participants, result.clients.update_sq_norm,
+                            result.applied_sq_norm, head_sq_norms=result.clients.head_sq_norm)
                         row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
                         row.update(expected_participants=float(plan.q.sum()),
                                    mean_rank=float(plan.k.mean()), est_signal=new_est.signal,

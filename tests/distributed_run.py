@@ -40,7 +40,7 @@ def federate(devices: int | None) -> dict:
     for r in range(ROUNDS):
         state, result = eng.run_round(state, k=k)
         out[f"round{r}_participants"] = result.participants
-        out[f"round{r}_sq_norms"] = result.update_sq_norms
+        out[f"round{r}_sq_norms"] = result.clients.update_sq_norm
         out[f"round{r}_loss"] = np.float64(result.train_loss)
     for i, leaf in enumerate(jax.tree.leaves(state.trainable)):
         out[f"param{i}"] = np.asarray(leaf)  # replicated: every process holds all of it

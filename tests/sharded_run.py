@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
             for r in range(args.rounds):
                 state, result = eng.run_round(state)
                 results[f"{tag}_round{r}_participants"] = result.participants
-                results[f"{tag}_round{r}_sq_norms"] = result.update_sq_norms
+                results[f"{tag}_round{r}_sq_norms"] = result.clients.update_sq_norm
                 results[f"{tag}_round{r}_loss"] = np.float64(result.train_loss)
             for i, leaf in enumerate(jax.tree.leaves(state.trainable)):
                 results[f"{tag}_param{i}"] = np.asarray(leaf)
@@ -52,19 +52,16 @@ def main(argv: list[str]) -> None:
             results[f"{tag}_chunk_size"] = np.int64(eng.chunk_size)
     # the aggregation rules with client state (FedSA), stacking into the base (FLoRA) and a
     # normalized, norm-weighted average (HetLoRA): chunk 12, padded to 16 on 8 devices
-    from fedlora_jax.strategies.fedsa import FedSAAggregator
-    from fedlora_jax.strategies.flora import FLoRAAggregator
-    from fedlora_jax.strategies.hetlora import HetLoRAAggregator
-    rules = {"fedsa": FedSAAggregator(), "flora": FLoRAAggregator(scaling=2.0),
-             "hetlora": HetLoRAAggregator()}
+    from fedlora_jax.strategies import fedsa, flora, hetlora
+    rules = {"fedsa": fedsa.rule(), "flora": flora.rule(scaling=2.0), "hetlora": hetlora.rule()}
     k = np.arange(pool.num_clients) % 4 + 1
-    for name, aggregator in rules.items():
+    for name, rule in rules.items():
         for devices in (1, args.devices):
             eng = FederatedEngine(parts, pool, _counting_loss()[0], client=ClientConfig(2, 4),
                                   client_optimizer=OptimizerConfig("adamw", 1e-2),
                                   federation=FederationConfig(participants=9.0, chunk_size=12,
                                                               devices=devices),
-                                  aggregator=aggregator)
+                                  rule=rule)
             state = eng.init(seed=5)
             for _ in range(args.rounds):
                 state, _ = eng.run_round(state, k=k)

@@ -17,17 +17,14 @@ from fedlora_jax import aggregation, strategies
 from fedlora_jax.client import ClientConfig, client_update, split_model
 from fedlora_jax.config import load_config
 from fedlora_jax.data.pool import sample_batches
-from fedlora_jax.engine import FederatedEngine, FederationConfig, RoundResult
-from fedlora_jax.lora import lora_layers
+from fedlora_jax.engine import ClientReport, FederatedEngine, FederationConfig, RoundResult
+from fedlora_jax.lora import LoRAConfig, lora_layers
 from fedlora_jax.optim import OptimizerConfig, make_optimizer
-from fedlora_jax.strategies.fedsa import FedSAAggregator
-from fedlora_jax.strategies.flexlora import FlexLoRAAggregator
-from fedlora_jax.strategies.flora import FLoRAAggregator
-from fedlora_jax.strategies.hetlora import (
-    HetLoRA,
-    HetLoRAAggregator,
-    component_sq_norms,
-)
+from fedlora_jax.strategies import fedsa, flora, hetlora
+from fedlora_jax.strategies.fedsa import FedSALoRA
+from fedlora_jax.strategies.flexlora import FlexLoRA
+from fedlora_jax.strategies.flora import FLoRA
+from fedlora_jax.strategies.hetlora import HetLoRA, Pruning, component_sq_norms, pruning_signal
 from fedlora_jax.tasks import classification_loss
 from fedlora_jax.train import train
 from tests import compile_cache
@@ -50,11 +47,16 @@ def _parts(seed=0):
     return dataclasses.replace(parts, trainable=trainable)
 
 
-def _engine(pool, aggregator, parts=None, loss=classification_loss, **fed):
+def _engine(pool, method, parts=None, loss=classification_loss, rule=None, **fed):
+    """An engine running ``method``'s rule (or ``rule``) and costs (``method=None``: FSLoRA's)."""
     fed = {"chunk_size": 4, "sampling": "full", **fed}
-    return FederatedEngine(parts or _parts(), pool, loss, client=ClientConfig(2, 4),
-                           client_optimizer=OPT, federation=FederationConfig(**fed),
-                           aggregator=aggregator)
+    parts = parts or _parts()
+    method = method or strategies.FSLoRA()
+    federation = FederationConfig(**fed)
+    return FederatedEngine(parts, pool, loss, client=ClientConfig(2, 4),
+                           client_optimizer=OPT, federation=federation,
+                           rule=rule or method.rule(LoRAConfig(rank=R), federation),
+                           costs=method.costs(aggregation.adapter_sizes(parts.trainable), R))
 
 
 def _as_np(tree):
@@ -98,7 +100,7 @@ def _ranks(num_clients):
 # ----------------------------------------------------------------------------- HetLoRA
 
 def test_hetlora_zero_pads_and_averages_with_norm_weights(pool):
-    eng = _engine(pool, HetLoRAAggregator())
+    eng = _engine(pool, HetLoRA())
     k = _ranks(eng.num_clients)
     state, new_state, result = _one_round(eng, 1, k)
     assert result.participants.size == eng.num_clients
@@ -125,8 +127,9 @@ def test_hetlora_zero_pads_and_averages_with_norm_weights(pool):
 def test_hetlora_self_pruning_drops_weak_last_components():
     strategy = HetLoRA(prune_below=0.5, min_rank=1)
     plan = strategies.Plan(np.full(5, 0.5, np.float32), np.array([4, 3, 1, 2, 4], np.int32))
-    result = RoundResult(participants=np.array([0, 1, 2, 4]), update_sq_norms=np.ones(4),
-                         reports={"last_component_share": np.array([0.1, 0.9, 0.0, 0.49])},
+    clients = ClientReport(update_sq_norm=np.ones(4), head_sq_norm=np.zeros(4),
+                           rule=Pruning(np.array([0.1, 0.9, 0.0, 0.49])))
+    result = RoundResult(participants=np.array([0, 1, 2, 4]), clients=clients, applied_sq_norm=1.0,
                          train_loss=0.0, train_accuracy=0.0, uplink_params=0.0, times={})
     revised = strategy.revise(plan, result)
     # client 0 and 4 prune one component; 1 is strong; 2 is at min_rank; 3 did not take part
@@ -142,8 +145,9 @@ def test_hetlora_reports_the_last_kept_components_share():
     comp = sum(np.sum(a * a, 0) * np.sum(b * b, 1) for a, b in _factors(tree).values())
     np.testing.assert_allclose(component_sq_norms(tree), comp, rtol=1e-5)
     sketch = aggregation.prefix_sketch(jnp.int32(3), parts.sketch)
-    share = HetLoRAAggregator().report(tree, jax.tree.map(jnp.zeros_like, tree), sketch)
-    np.testing.assert_allclose(share["last_component_share"], comp[2] / comp[:3].mean(), rtol=1e-5)
+    share = hetlora.rule().message(tree, jax.tree.map(jnp.zeros_like, tree), sketch).report
+    np.testing.assert_allclose(share.last_component_share, comp[2] / comp[:3].mean(), rtol=1e-5)
+    np.testing.assert_array_equal(pruning_signal(tree, sketch), share)
 
 
 # ----------------------------------------------------------------------------- FlexLoRA
@@ -164,7 +168,7 @@ def test_truncated_svd_is_the_best_rank_k_approximation():
 
 
 def test_flexlora_redistributes_the_svd_of_the_mean_product(pool):
-    eng = _engine(pool, FlexLoRAAggregator())
+    eng = _engine(pool, FlexLoRA())
     k = _ranks(eng.num_clients)
     state, new_state, _ = _one_round(eng, 2, k)
     weights = np.asarray(pool.weights) / np.sum(pool.weights)
@@ -201,9 +205,9 @@ def test_flora_stacked_product_equals_the_weighted_sum_of_client_products():
 def test_flora_merges_the_stack_into_the_base_and_restarts_clients_fresh(pool):
     model = tiny_lora_model(rank=R)
     scaling = lora_layers(model)[0][1].scaling
-    agg = FLoRAAggregator(scaling=scaling)
+    rule = flora.rule(scaling=scaling)
     parts = split_model(model)
-    eng = _engine(pool, agg, parts=parts)
+    eng = _engine(pool, FLoRA(), parts=parts, rule=rule)
     k = _ranks(eng.num_clients)
     state, new_state, _ = _one_round(eng, 3, k)
     weights = np.asarray(pool.weights) / np.sum(pool.weights)
@@ -211,7 +215,7 @@ def test_flora_merges_the_stack_into_the_base_and_restarts_clients_fresh(pool):
     merged = {}
     for n in range(eng.num_clients):
         k_sketch = jax.random.split(jax.random.fold_in(k_train, n), 3)[0]
-        start, _ = agg.start(state.trainable, {}, parts.sketch, jnp.int32(k[n]), k_sketch)
+        start, _ = rule.start(state.trainable, {}, parts.sketch, jnp.int32(k[n]), k_sketch)
         for layer, (a, b) in _factors(start).items():  # a fresh adapter: B = 0, A new
             np.testing.assert_array_equal(b, 0.0)
             assert not np.allclose(a, _factors(state.trainable)[layer][0])
@@ -227,7 +231,7 @@ def test_flora_merges_the_stack_into_the_base_and_restarts_clients_fresh(pool):
         np.testing.assert_array_equal(b, _factors(state.trainable)[layer][1])
     kernels = lambda base: {"/".join(map(str, path[:-2])): np.asarray(v[...])
                             for path, v in nnx.to_flat_state(base) if path[-2:] == ("base", "kernel")}
-    before, after = kernels(parts.base), kernels(agg.client_base(parts.base, new_state.agg.server))
+    before, after = kernels(parts.base), kernels(rule.base(parts.base, new_state.agg.server))
     for layer, m in merged.items():
         np.testing.assert_allclose(after[layer], before[layer] + m, atol=1e-6)
     heldout = _heldout(pool)  # the evaluation runs on the merged base
@@ -241,7 +245,7 @@ def _heldout(pool):
 # ----------------------------------------------------------------------------- FedSA-LoRA
 
 def test_fedsa_shares_a_and_keeps_each_clients_b(pool):
-    eng = _engine(pool, FedSAAggregator())
+    eng = _engine(pool, FedSALoRA())
     state = eng.init(seed=4)
     a0 = _factors(state.trainable)
     state = state.replace(trainable=_as_np(state.trainable))
@@ -274,28 +278,29 @@ def test_fedsa_shares_a_and_keeps_each_clients_b(pool):
 
 def test_fedsa_refuses_per_client_state_that_does_not_fit(pool):
     with pytest.raises(ValueError, match="per-client state of .* GiB .* use fewer clients"):
-        aggregation.check_client_state_memory(FedSAAggregator(), _parts().trainable, 10 ** 9)
+        aggregation.check_client_state_memory(fedsa.rule(), _parts().trainable, 10 ** 9)
 
 
 # ----------------------------------------------------------------------------- all rules
 
-@pytest.mark.parametrize("aggregator", [HetLoRAAggregator(), FlexLoRAAggregator(),
-                                        FLoRAAggregator(scaling=2.0), FedSAAggregator()],
+@pytest.mark.parametrize("rule", [hetlora.rule(), FlexLoRA().rule(LoRAConfig(), FederationConfig()),
+                                  flora.rule(scaling=2.0), fedsa.rule()],
                          ids=["hetlora", "flexlora", "flora", "fedsa"])
-def test_one_compile_across_participant_counts(pool, aggregator):
+def test_one_compile_across_participant_counts(pool, rule):
     traces = []
 
     def loss(model, batch):
         traces.append(1)
         return classification_loss(model, batch)
 
-    eng = _engine(pool, aggregator, loss=loss, sampling="independent")
+    eng = _engine(pool, None, loss=loss, rule=rule, sampling="independent")
     state = eng.init()
     k = _ranks(eng.num_clients)
     counts = set()
     for i, q in enumerate([0.5, 1.0, 1e-6, 0.2]):
         state, result = eng.run_round(state, np.full(eng.num_clients, q, np.float32), k)
         counts.add(result.participants.size)
+        chex.assert_tree_shape_prefix(result.clients, result.participants.shape)  # empty too
         if i == 0:
             compiled = len(traces)
     assert len(counts) >= 3 and 0 in counts
@@ -306,15 +311,14 @@ def test_one_compile_across_participant_counts(pool, aggregator):
 def test_each_rule_declares_its_costs():
     sizes = aggregation.AdapterSizes(lora_a=600, lora_b=400, head=10, layers=((30, 20),) * 2)
     mask, k = jnp.array([True, True, False, True]), jnp.array([2, 4, 4, 1])
-    base = aggregation.Aggregator()
-    assert float(base.download_params(mask, k, 4, sizes)) == 1010
-    np.testing.assert_allclose(base.upload_params(k, 4, sizes), [510, 1010, 1010, 260])
+    base = strategies.FSLoRA().costs(sizes, 4)
+    assert float(base.download(mask, k)) == 1010
+    np.testing.assert_allclose(base.upload(k), [510, 1010, 1010, 260])
     # FLoRA broadcasts the stacked adapters of the participants: (2 + 4 + 1) / 4 full adapters
-    assert float(FLoRAAggregator().download_params(mask, k, 4, sizes)) == pytest.approx(
-        7 / 4 * 1000 + 10)
-    assert FedSAAggregator().uploaded_lora_params(sizes) == 600
-    assert FlexLoRAAggregator().server_flops(sizes) == 2 * aggregation.svd_flops(30, 20) > 0
-    assert base.server_flops(sizes) == 0
+    assert float(FLoRA().costs(sizes, 4).download(mask, k)) == pytest.approx(7 / 4 * 1000 + 10)
+    assert FedSALoRA().costs(sizes, 4).upload_lora == 600
+    assert FlexLoRA().costs(sizes, 4).server_flops == 2 * aggregation.svd_flops(30, 20) > 0
+    assert base.server_flops == 0
 
 
 def test_the_clock_charges_download_and_server_time(tmp_path):
@@ -351,16 +355,16 @@ def test_stateful_rules_resume_exactly(tmp_path, name):
 def test_rounds_report_the_heads_part_of_each_update(pool):
     eng = _engine(pool, None)
     _, result = eng.run_round(eng.init())
-    head = result.reports["head_sq_norm"]
-    assert head.shape == result.update_sq_norms.shape
-    assert (head > 0).all() and (head < result.update_sq_norms).all()
+    head = result.clients.head_sq_norm
+    assert head.shape == result.clients.update_sq_norm.shape
+    assert (head > 0).all() and (head < result.clients.update_sq_norm).all()
     headless = split_model(tiny_lora_model(rank=R, modules_to_save=()))
     _, result = _engine(pool, None, parts=headless).run_round(_engine(pool, None, parts=headless).init())
-    np.testing.assert_array_equal(result.reports["head_sq_norm"], 0.0)
+    np.testing.assert_array_equal(result.clients.head_sq_norm, 0.0)
 
 
 def test_fedsa_personal_evaluation_scores_each_example_with_its_owners_b(pool):
-    eng = _engine(pool, FedSAAggregator())
+    eng = _engine(pool, FedSALoRA())
     state, _ = eng.run_round(eng.init(seed=6))
     heldout = _heldout(pool)
     owners = np.arange(16) % 3

@@ -87,6 +87,9 @@ def test_round_equals_python_reference(pool):
         w = pool.weights[n] / q[n]
         expected = jax.tree.map(lambda e, d: e + w * d, expected, delta)
     chex.assert_trees_all_close(new_state.trainable, expected, atol=1e-6, rtol=1e-5)
+    applied = sum(np.sum((np.asarray(e) - np.asarray(t)) ** 2, dtype=np.float64) for e, t in
+                  zip(jax.tree.leaves(expected), jax.tree.leaves(parts.trainable)))
+    assert result.applied_sq_norm == pytest.approx(applied, rel=1e-4)  # |D|^2 of the step
 
 
 def _counting_loss():
@@ -126,7 +129,7 @@ def test_padding_and_chunking_change_nothing(pool):
     s1, r1 = by3.run_round(by3.init(seed=1))
     s2, r2 = by16.run_round(by16.init(seed=1))
     chex.assert_trees_all_close(s1.trainable, s2.trainable, atol=1e-6, rtol=1e-5)
-    np.testing.assert_allclose(r1.update_sq_norms, r2.update_sq_norms, rtol=1e-5)
+    np.testing.assert_allclose(r1.clients.update_sq_norm, r2.clients.update_sq_norm, rtol=1e-5)
 
 
 def test_same_seed_same_result(pool):

@@ -64,7 +64,7 @@ def test_two_rounds_at_a_million_clients(million):
         state, result = eng.run_round(state)
         sizes.append(result.participants.size)
         assert np.isfinite(result.train_loss)
-        assert result.update_sq_norms.shape == result.participants.shape
+        assert result.clients.update_sq_norm.shape == result.participants.shape
     assert 0 < sum(sizes) < 100  # ~16 expected participants per round
     assert int(state.round) == 2
     with pytest.raises(AssertionError):  # the global adapter moved

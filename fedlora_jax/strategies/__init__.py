@@ -18,7 +18,6 @@ from fedlora_jax.strategies.base import (
     Strategy,
     init_estimates,
     observe,
-    tree_sq_norm,
 )
 from fedlora_jax.strategies.fedit import FedIT
 from fedlora_jax.strategies.fedsa import FedSALoRA
@@ -129,4 +128,4 @@ def configure(cfg, strategy: Strategy | None = None):
 __all__ = ["Adaptive", "Context", "Estimates", "FFALoRA", "FLoRA", "FSLoRA", "FedIT", "FedSALoRA",
            "Fixed", "FlexLoRA", "Full", "HetLoRA", "Plan",
            "STRATEGIES", "Strategy", "configure", "contradictions", "get_strategy", "strategy_of",
-           "init_estimates", "observe", "tree_sq_norm"]
+           "init_estimates", "observe"]

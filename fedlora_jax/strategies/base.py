@@ -1,10 +1,14 @@
 """What every strategy shares: the run it plans for, the estimates it learns from, its plan.
 
-A strategy is a frozen dataclass that chooses, before a round, each client's sampling probability
-``q_n`` and kept rank ``k_n`` (:class:`Plan`); it is asked again only on the rounds it says are
-:meth:`Strategy.due`. It also pins the run settings it defines (:meth:`Strategy.settings`: the
-sampling scheme, the sketch ratio, the bandwidth allocation); a setting the user changed from its
-default to something else is a contradiction, rejected with the strategy's reason.
+A strategy is one value holding a whole federated method: a frozen dataclass whose host-side
+planner chooses, before a round, each client's sampling probability ``q_n`` and kept rank ``k_n``
+(:class:`Plan`; asked again only on the rounds it says are :meth:`Strategy.due`, revised after a
+round by :meth:`Strategy.revise`), whose :meth:`Strategy.rule` is the traced aggregation rule the
+engine runs (:class:`~fedlora_jax.aggregation.Rule`), and whose :meth:`Strategy.costs` is what a
+round costs beyond local training (:class:`~fedlora_jax.aggregation.Costs`). It also pins the run
+settings it defines (:meth:`Strategy.settings`: the sampling scheme, the sketch ratio, the
+bandwidth allocation); a setting the user changed from its default to something else is a
+contradiction, rejected with the strategy's reason.
 
 The estimates (:class:`Estimates`) are host-side and updated after every round by :func:`observe`:
 ``G_n^2`` from the clients' update norms, mapped to unsketched norms by the client optimizer's
@@ -22,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import theory, wireless
-from fedlora_jax.aggregation import Aggregator
+from fedlora_jax import solver, theory, wireless
+from fedlora_jax.aggregation import AdapterSizes, Costs, Rule, adapter_costs, sketched
 from fedlora_jax.engine import FederationConfig, RoundResult
 from fedlora_jax.lora import LoRAConfig
 
@@ -89,12 +93,6 @@ def init_estimates(num_clients: int) -> Estimates:
     return Estimates(theory.init_grad_norms(num_clients))
 
 
-def tree_sq_norm(a, b) -> float:
-    """``|a - b|^2`` over two pytrees of the same structure (host arrays or jax arrays)."""
-    return float(sum(jnp.sum((jnp.asarray(x) - jnp.asarray(y)) ** 2)
-                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-
-
 def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
             update_sq_norms: np.ndarray, applied_sq_norm: float, pilot: int = 5,
             decay: float = 0.9, head_sq_norms: np.ndarray | None = None) -> Estimates:
@@ -134,10 +132,12 @@ def observe(est: Estimates, ctx: Context, plan: Plan, participants: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """Base of the strategies: uniform sampling at the configured rate, full rank, planned once.
+    """Base of the strategies: uniform sampling at the configured rate, full rank, planned once,
+    FSLoRA's rule and the whole adapter's costs.
 
     Subclasses set ``name`` (the registry key) and ``sampling`` (the engine's scheme) and override
-    :meth:`plan`, :meth:`due` or :meth:`settings`.
+    what their method changes: the planner (:meth:`plan`, :meth:`due`, :meth:`revise`,
+    :meth:`settings`, :meth:`adapt_model`), the :meth:`rule` and the :meth:`costs`.
     """
 
     name: str = "fixed"
@@ -152,11 +152,16 @@ class Strategy:
     def adapt_model(self, model) -> None:
         """Changes the LoRA model in place before it is split (FFA-LoRA freezes ``A``)."""
 
-    def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
+    def rule(self, lora: LoRAConfig, federation: FederationConfig) -> Rule:
         """How the engine starts clients and aggregates their updates (default: FSLoRA's rule,
-        random sketches and ``a_n I_n / q_n``-weighted deltas; :mod:`fedlora_jax.aggregation`)."""
+        random sketches and ``a_n I_n / q_n``-weighted deltas; :func:`aggregation.sketched`)."""
         del lora
-        return Aggregator(shared_sketch=federation.shared_sketch)
+        return sketched(federation.shared_sketch)
+
+    def costs(self, sizes: AdapterSizes, rank: int) -> Costs:
+        """What a round costs beyond local training, for trainables of ``sizes`` at global rank
+        ``rank`` (default: the whole adapter and heads each way, no server work)."""
+        return adapter_costs(sizes, rank)
 
     def revise(self, plan: Plan, result: RoundResult) -> Plan:
         """The plan for the next round, after seeing a round's result (HetLoRA prunes ranks)."""
@@ -168,5 +173,45 @@ class Strategy:
         return round == 1
 
     def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
+        """The clients' ``q`` and ``k`` for 1-based ``round``, from what the run is (``ctx``) and
+        what has been learned of it (``est``)."""
         del round, est
         return ctx.uniform()
+
+
+@dataclasses.dataclass(frozen=True)
+class TieredRanks(Strategy):
+    """The planner of the heterogeneous-rank methods (FSLoRA, HetLoRA, FlexLoRA, FLoRA): uniform
+    ``K`` of ``N`` sampling, client ranks ``k_n = ratio * r`` by compute tier (:func:`tier_ranks`),
+    so all of them give a client the same compute and upload budget and differ only in their rule.
+    """
+
+    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
+    sampling: ClassVar[str] = "uniform"
+
+    def __post_init__(self):
+        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
+            raise ValueError(f"{self.name} ratios must be a non-empty tuple in (0, 1], "
+                             f"got {self.ratios!r}.")
+
+    def settings(self) -> dict[str, tuple[Any, str]]:
+        return {**super().settings(),
+                "federation.sketch_ratio": (None, f"{self.name} sets each client's ratio from "
+                                                  f"its compute tier {self.ratios}")}
+
+    def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
+        del round, est
+        return ctx.uniform(tier_ranks(np.asarray(ctx.profile.flops_per_s), self.ratios, ctx.rank))
+
+
+def ratio_rank(ratio, rank: int) -> np.ndarray:
+    """Host-side kept ranks ``k = round(rho r)`` in ``[1, r]`` (:func:`solver.round_rho`)."""
+    return np.asarray(solver.round_rho(jnp.asarray(ratio), rank))
+
+
+def tier_ranks(speeds: np.ndarray, ratios: tuple[float, ...], rank: int) -> np.ndarray:
+    """Kept ranks by compute tier: clients ranked by ``speeds`` split into ``len(ratios)`` near-equal
+    tiers, the ``i``-th slowest tier getting the ``i``-th smallest ratio."""
+    tier = np.empty(speeds.size, np.int64)
+    tier[np.argsort(speeds, kind="stable")] = np.arange(speeds.size) * len(ratios) // speeds.size
+    return ratio_rank(np.sort(np.asarray(ratios))[tier], rank)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedlora_jax.engine import ratio_to_rank
-from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy
+from fedlora_jax.strategies.base import Context, Estimates, Plan, Strategy, ratio_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,4 +18,4 @@ class Fixed(Strategy):
 
     def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
         del round, est
-        return ctx.uniform(ratio_to_rank(ctx.sketch_ratio, ctx.rank))
+        return ctx.uniform(ratio_rank(ctx.sketch_ratio, ctx.rank))

@@ -14,33 +14,37 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (AdapterSizes, Aggregator, ProductAggregator, lora_from,
-                                     map_factors, svd_flops, truncated_svd_factors)
+from fedlora_jax.aggregation import (AdapterSizes, Costs, Rule, adapter_costs, lora_from,
+                                     map_factors, product_averages, products_rule, svd_flops,
+                                     truncated_svd_factors)
 from fedlora_jax.engine import FederationConfig
 from fedlora_jax.lora import LoRAConfig
-from fedlora_jax.strategies.fslora import TieredRanks
+from fedlora_jax.strategies.base import TieredRanks
 
 
-@dataclasses.dataclass(frozen=True)
-class FlexLoRAAggregator(ProductAggregator):
-    def finish(self, trainable, server, total, weight_sum):
-        products, deltas = self.averages(total, weight_sum)
+def redistribute(trainable, server, total, weight_sum):
+    """The update taking the global factors to the rank-``r`` SVD factors of the mean product, and
+    the mean head deltas (no change when nobody took part)."""
+    products, deltas = product_averages(total, weight_sum)
 
-        def redistribute(layer, a, b):
-            new_a, new_b = truncated_svd_factors(products[layer], a.shape[-1])
-            return (jnp.where(weight_sum > 0, new_a - a, 0.0),
-                    jnp.where(weight_sum > 0, new_b - b, 0.0))
+    def factors(layer, a, b):
+        new_a, new_b = truncated_svd_factors(products[layer], a.shape[-1])
+        return (jnp.where(weight_sum > 0, new_a - a, 0.0),
+                jnp.where(weight_sum > 0, new_b - b, 0.0))
 
-        # the global factors in place of the LoRA leaves, the mean head deltas elsewhere
-        return map_factors(lora_from(trainable, deltas), redistribute), server
-
-    def server_flops(self, sizes: AdapterSizes) -> float:
-        return sum(svd_flops(d_in, d_out) for d_in, d_out in sizes.layers)
+    # the global factors in place of the LoRA leaves, the mean head deltas elsewhere
+    return map_factors(lora_from(trainable, deltas), factors), server
 
 
 @dataclasses.dataclass(frozen=True)
 class FlexLoRA(TieredRanks):
     name: str = "flexlora"
 
-    def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
-        return FlexLoRAAggregator()
+    def rule(self, lora: LoRAConfig, federation: FederationConfig) -> Rule:
+        del lora, federation
+        return products_rule(redistribute)
+
+    def costs(self, sizes: AdapterSizes, rank: int) -> Costs:
+        """The server's SVD of every layer's mean product, on top of the adapter both ways."""
+        return dataclasses.replace(adapter_costs(sizes, rank), server_flops=sum(
+            svd_flops(d_in, d_out) for d_in, d_out in sizes.layers))

@@ -15,17 +15,24 @@ global adapter to a client's rank, zero-padding and norm-weighted aggregation, r
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.aggregation import (Aggregator, TruncatingAggregator, lora_factors, normalized,
-                                     product_sq_norm)
+from fedlora_jax.aggregation import (Message, Rule, lora_factors, normalized, product_sq_norm,
+                                     rank_prefix, sketched)
 from fedlora_jax.engine import FederationConfig, RoundResult
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.sketch import restrict_to_sketch
-from fedlora_jax.strategies.base import Plan
-from fedlora_jax.strategies.fslora import TieredRanks
+from fedlora_jax.strategies.base import Plan, TieredRanks
+
+
+class Pruning(NamedTuple):
+    """A HetLoRA client's report: the last kept component's squared norm over the mean of its
+    kept components' (:func:`component_sq_norms`)."""
+
+    last_component_share: jax.Array
 
 
 def component_sq_norms(tree) -> jax.Array:
@@ -34,25 +41,34 @@ def component_sq_norms(tree) -> jax.Array:
     return sum(jnp.sum(a * a, 0) * jnp.sum(b * b, 1) for a, b in lora_factors(tree).values())
 
 
-@dataclasses.dataclass(frozen=True)
-class HetLoRAAggregator(TruncatingAggregator):
-    def message(self, start, delta, sketch):
-        # zero-padding to rank r: the components outside the client's prefix are zeroed
-        padded = restrict_to_sketch(jax.tree.map(jnp.add, start, delta), sketch)
-        norm = jnp.sqrt(sum(product_sq_norm(a, b) for a, b in lora_factors(padded).values()))
-        return padded, norm
+def pruning_signal(final, sketch) -> Pruning:
+    """:class:`Pruning` of a client's final trainables ``final`` that kept the prefix ``sketch``."""
+    kept = jax.tree.leaves(sketch)[0] > 0
+    comp = jnp.where(kept, component_sq_norms(final), 0.0)
+    last = comp[jnp.sum(kept) - 1]
+    return Pruning(last / (comp.sum() / jnp.sum(kept)))
 
-    def report(self, start, delta, sketch):
-        final = jax.tree.map(jnp.add, start, delta)
-        kept = jax.tree.leaves(sketch)[0] > 0
-        comp = jnp.where(kept, component_sq_norms(final), 0.0)
-        last = comp[jnp.sum(kept) - 1]
-        return {"last_component_share": last / (comp.sum() / jnp.sum(kept))}
 
-    def finish(self, trainable, server, total, weight_sum):
-        average = normalized(total, weight_sum)
-        return jax.tree.map(lambda new, old: jnp.where(weight_sum > 0, new - old, 0.0),
-                            average, trainable), server
+def padded_message(start, delta, sketch) -> Message:
+    """The final adapter zero-padded to rank ``r`` (components outside the client's prefix zeroed),
+    weighted by ``|A B|_F``; reports the pruning signal."""
+    final = jax.tree.map(jnp.add, start, delta)
+    padded = restrict_to_sketch(final, sketch)
+    norm = jnp.sqrt(sum(product_sq_norm(a, b) for a, b in lora_factors(padded).values()))
+    return Message(padded, norm, pruning_signal(final, sketch))
+
+
+def average_is_global(trainable, server, total, weight_sum):
+    """The normalized average of the padded adapters replaces the global one (no change when
+    nobody took part)."""
+    average = normalized(total, weight_sum)
+    return jax.tree.map(lambda new, old: jnp.where(weight_sum > 0, new - old, 0.0),
+                        average, trainable), server
+
+
+def rule() -> Rule:
+    """HetLoRA's rule: rank-prefix truncation, zero-padded norm-weighted averaging."""
+    return sketched()._replace(start=rank_prefix, message=padded_message, finish=average_is_global)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +85,14 @@ class HetLoRA(TieredRanks):
         if self.prune_below < 0 or self.min_rank < 1:
             raise ValueError("hetlora: need prune_below >= 0 and min_rank >= 1.")
 
-    def aggregator(self, lora: LoRAConfig, federation: FederationConfig) -> Aggregator:
-        return HetLoRAAggregator()
+    def rule(self, lora: LoRAConfig, federation: FederationConfig) -> Rule:
+        del lora, federation
+        return rule()
 
     def revise(self, plan: Plan, result: RoundResult) -> Plan:
         if not self.prune_below or not result.participants.size:
             return plan
-        share = result.reports["last_component_share"]
+        share = result.clients.rule.last_component_share
         ids = result.participants[(share < self.prune_below)
                                   & (plan.k[result.participants] > self.min_rank)]
         k = plan.k.copy()
