@@ -97,7 +97,8 @@ class LoRAConfig:
 
 
 class LoRALinear(nnx.Module):
-    """A frozen ``nnx.Linear`` plus a sketched low-rank update."""
+    """A frozen ``nnx.Linear`` (its kernel retyped :class:`BaseKernel`) plus a sketched low-rank
+    update."""
 
     def __init__(self, base: nnx.Linear, rank: int, scaling: float, *, dropout: float = 0.0,
                  rngs: nnx.Rngs):
@@ -106,7 +107,7 @@ class LoRALinear(nnx.Module):
             raise ValueError(f"LoRA rank {rank} exceeds the layer's dimensions ({d_in} x {d_out}); "
                              f"use rank <= {min(d_in, d_out)}.")
         dtype = base.kernel.dtype
-        base.kernel = retyped(base.kernel, BaseKernel)
+        base.kernel = _retyped(base.kernel, BaseKernel)
         self.base = base
         # PEFT initialises A with kaiming_uniform(a=sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in)).
         bound = 1.0 / math.sqrt(d_in)
@@ -126,7 +127,7 @@ class LoRALinear(nnx.Module):
         return self.base(x) + self.scaling * (z @ self.lora_b[...])
 
 
-def retyped(var: nnx.Variable, kind: type[nnx.Variable]) -> nnx.Variable:
+def _retyped(var: nnx.Variable, kind: type[nnx.Variable]) -> nnx.Variable:
     """``var``'s value and metadata as a variable of type ``kind``."""
     return kind.from_metadata(var.get_value(), var.get_metadata())
 
@@ -187,8 +188,8 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
         if any(matches(t, path_str(path[:i])) for t in cfg.saved_modules
                for i in range(1, len(path) + 1)):
             for attr, var in list(vars(module).items()):
-                if type(var) in (nnx.Param, BaseKernel):
-                    setattr(module, attr, retyped(var, HeadParam))
+                if type(var) in (nnx.Param, BaseKernel):  # frozen, an adapted kernel included
+                    setattr(module, attr, _retyped(var, HeadParam))
                     saved += 1
     if cfg.modules_to_save and not saved:
         raise ValueError(f"modules_to_save {cfg.modules_to_save} match no module of the model; "
@@ -207,7 +208,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             a, b, s = module.lora_a[...], module.lora_b[...], module.sketch[...]
             module.base.kernel[...] = module.base.kernel[...] + module.scaling * (a * s) @ b
             if isinstance(module.base.kernel, BaseKernel):  # the linear as before apply_lora
-                module.base.kernel = retyped(module.base.kernel, nnx.Param)
+                module.base.kernel = _retyped(module.base.kernel, nnx.Param)
             _set_child(model, path, module.base)
     return model
 
