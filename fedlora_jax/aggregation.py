@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from fedlora_jax.lora import HeadParam, LoRAA, LoRAB, by_layer, layer_key
 from fedlora_jax.sketch import draw_sketch, restrict_to_sketch
 
 Factors = dict[str, tuple[jax.Array, jax.Array]]  # layer path -> (A: d_in x r, B: r x d_out)
@@ -61,25 +62,13 @@ class AdapterSizes:
 
 
 # ------------------------------------------------------------------------- LoRA factors by layer
-
-def _names(key_path) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey))
-
-
-def _lora_leaves(tree) -> dict[str, dict[str, jax.Array]]:
-    found: dict[str, dict[str, jax.Array]] = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        *layer, kind = _names(key_path)
-        if kind in ("lora_a", "lora_b"):
-            found.setdefault("/".join(layer), {})[kind] = leaf
-    return found
-
+# Found by variable type (LoRAA, LoRAB, HeadParam), keyed by layer (fedlora_jax.lora.layer_key).
 
 def lora_factors(tree) -> Factors:
     """``{layer: (A, B)}`` of a trainable-shaped tree (leading axes, e.g. clients, are kept);
     layers whose ``A`` is not trainable (FFA-LoRA) are left out."""
-    return {layer: (f["lora_a"], f["lora_b"]) for layer, f in _lora_leaves(tree).items()
-            if len(f) == 2}
+    a, b = by_layer(tree, LoRAA), by_layer(tree, LoRAB)
+    return {layer: (a[layer], b[layer]) for layer in a if layer in b}
 
 
 def map_factors(tree, fn, head_fn=lambda x: x):
@@ -87,30 +76,27 @@ def map_factors(tree, fn, head_fn=lambda x: x):
     (heads) by ``head_fn(leaf)``."""
     new = {layer: fn(layer, a, b) for layer, (a, b) in lora_factors(tree).items()}
 
-    def replace(key_path, leaf):
-        *layer, kind = _names(key_path)
-        if kind in ("lora_a", "lora_b"):
-            return new["/".join(layer)][kind == "lora_b"]
-        return head_fn(leaf)
+    def replace(path, var):
+        if isinstance(var, (LoRAA, LoRAB)):
+            a, b = new[layer_key(path, var)]
+            return var.replace(b if isinstance(var, LoRAB) else a)
+        return var.replace(head_fn(var.get_value()))
 
-    return jax.tree_util.tree_map_with_path(replace, tree)
+    return nnx.map_state(replace, tree)
 
 
 def head_sq_norm(tree) -> jax.Array:
-    """``|heads|^2``: the squared norm of the leaves that are not LoRA factors (never sketched)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return sum((jnp.sum(leaf ** 2) for key_path, leaf in leaves
-                if _names(key_path)[-1] not in ("lora_a", "lora_b")), jnp.float32(0.0))
+    """``|heads|^2``: the squared norm of the fully trained leaves (:class:`HeadParam`, never
+    sketched)."""
+    heads = jax.tree.leaves(nnx.filter_state(tree, HeadParam))
+    return sum((jnp.sum(leaf ** 2) for leaf in heads), jnp.float32(0.0))
 
 
 def adapter_sizes(trainable: nnx.State) -> AdapterSizes:
-    leaves = _lora_leaves(trainable)
-    a = sum(f["lora_a"].size for f in leaves.values() if "lora_a" in f)
-    b = sum(f["lora_b"].size for f in leaves.values() if "lora_b" in f)
-    factors = lora_factors(trainable)
-    total = sum(x.size for x in jax.tree.leaves(trainable))
-    return AdapterSizes(lora_a=a, lora_b=b, head=total - a - b,
-                        layers=tuple((f[0].shape[0], f[1].shape[1]) for f in factors.values()))
+    size = lambda kind: sum(x.size for x in jax.tree.leaves(nnx.filter_state(trainable, kind)))
+    return AdapterSizes(lora_a=size(LoRAA), lora_b=size(LoRAB), head=size(HeadParam),
+                        layers=tuple((a.shape[0], b.shape[1])
+                                     for a, b in lora_factors(trainable).values()))
 
 
 # ----------------------------------------------------------------------------- shared primitives
@@ -158,10 +144,10 @@ def normalized(total, weight_sum: jax.Array):
 
 
 def lora_from(factors_tree, heads_tree):
-    """A trainable-shaped tree with the LoRA leaves of ``factors_tree`` and the others of
+    """A trainable-shaped tree with the LoRA factors of ``factors_tree`` and the others of
     ``heads_tree``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, f, h: f if _names(p)[-1] in ("lora_a", "lora_b") else h, factors_tree, heads_tree)
+    return jax.tree.map(lambda f, h: f if isinstance(f, nnx.LoRAParam) else h,
+                        factors_tree, heads_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ----------------------------------------------------------------------------- the rule's interface

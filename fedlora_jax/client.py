@@ -54,6 +54,8 @@ class ModelParts:
 
 
 def split_model(model: nnx.Module) -> ModelParts:
+    """Splits a wrapped model by variable type (:mod:`fedlora_jax.lora`): trainables (``A``, ``B``,
+    heads), sketch masks, random streams and the frozen rest, whatever the modules are named."""
     model.train()
     graphdef, trainable, sketch, rngs, base = nnx.split(model, TRAINABLE, SketchMask,
                                                         nnx.RngState, ...)

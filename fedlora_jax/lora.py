@@ -6,9 +6,12 @@ scaling (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA) and ``s`` the client'
 (:class:`SketchMask`, all ones for the global model). Because ``s`` multiplies the rank axis, autodiff
 gives exactly zero gradient to the rank components a client does not hold.
 
-Variables are typed so that ``nnx.split`` separates what the federation treats differently:
-``nnx.LoRAParam`` and :class:`HeadParam` are trained, :class:`SketchMask` is per client, everything
-else (``nnx.Param``) is the frozen base shared by all clients.
+Variables are typed so that ``nnx.split`` and ``nnx.filter_state`` separate what the federation
+treats differently, whatever the modules are named: :class:`LoRAA`, :class:`LoRAB` and
+:class:`HeadParam` are trained (:data:`TRAINABLE`), :class:`SketchMask` is per client, everything else
+is the frozen base shared by all clients, in which :class:`BaseKernel` marks the kernels that carry
+an adapter. A variable's layer is the module path of the :class:`LoRALinear` holding it
+(:func:`layer_key`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,19 @@ class HeadParam(nnx.Param):
     """A fully trained parameter (PEFT's ``modules_to_save``), e.g. a fresh classification head."""
 
 
-TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
+class LoRAA(nnx.LoRAParam):
+    """The down-projection ``A`` (d_in x r) of a LoRA layer."""
+
+
+class LoRAB(nnx.LoRAParam):
+    """The up-projection ``B`` (r x d_out) of a LoRA layer."""
+
+
+class BaseKernel(nnx.Param):
+    """The frozen kernel ``W0`` (d_in x d_out) of a linear layer wrapped by :class:`LoRALinear`."""
+
+
+TRAINABLE = nnx.Any(LoRAA, LoRAB, HeadParam)
 DEFAULT_HEADS = ("classifier",)  # trained in full when present, by default (LoRAConfig)
 
 
@@ -82,7 +97,8 @@ class LoRAConfig:
 
 
 class LoRALinear(nnx.Module):
-    """A frozen ``nnx.Linear`` plus a sketched low-rank update."""
+    """A frozen ``nnx.Linear`` (its kernel retyped :class:`BaseKernel`) plus a sketched low-rank
+    update."""
 
     def __init__(self, base: nnx.Linear, rank: int, scaling: float, *, dropout: float = 0.0,
                  rngs: nnx.Rngs):
@@ -91,12 +107,12 @@ class LoRALinear(nnx.Module):
             raise ValueError(f"LoRA rank {rank} exceeds the layer's dimensions ({d_in} x {d_out}); "
                              f"use rank <= {min(d_in, d_out)}.")
         dtype = base.kernel.dtype
+        base.kernel = _retyped(base.kernel, BaseKernel)
         self.base = base
         # PEFT initialises A with kaiming_uniform(a=sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in)).
         bound = 1.0 / math.sqrt(d_in)
-        self.lora_a = nnx.LoRAParam(
-            jax.random.uniform(rngs.params(), (d_in, rank), dtype, -bound, bound))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), dtype))
+        self.lora_a = LoRAA(jax.random.uniform(rngs.params(), (d_in, rank), dtype, -bound, bound))
+        self.lora_b = LoRAB(jnp.zeros((rank, d_out), dtype))
         self.sketch = SketchMask(jnp.ones((rank,), dtype))
         self.scaling = scaling
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
@@ -111,8 +127,27 @@ class LoRALinear(nnx.Module):
         return self.base(x) + self.scaling * (z @ self.lora_b[...])
 
 
+def _retyped(var: nnx.Variable, kind: type[nnx.Variable]) -> nnx.Variable:
+    """``var``'s value and metadata as a variable of type ``kind``."""
+    return kind.from_metadata(var.get_value(), var.get_metadata())
+
+
 def path_str(path: Sequence) -> str:
     return "/".join(str(p) for p in path)
+
+
+def layer_key(path: Sequence, var: nnx.Variable) -> str:
+    """The layer of the adapter variable ``var`` at ``path`` of a state split from the model: the
+    module path of its :class:`LoRALinear` (``A``, ``B`` and the mask are the layer's own
+    variables, the :class:`BaseKernel` that of its ``base``)."""
+    return path_str(path[:-2] if isinstance(var, BaseKernel) else path[:-1])
+
+
+def by_layer(state: nnx.State, kind: type[nnx.Variable]) -> dict[str, jax.Array]:
+    """``{layer: value}`` of the variables of type ``kind`` in ``state``, in the state's order
+    (leading axes, e.g. clients, are kept)."""
+    return {layer_key(path, var): var.get_value() for path, var in nnx.to_flat_state(state)
+            if isinstance(var, kind)}
 
 
 def matches(pattern: str, path: str) -> bool:
@@ -153,8 +188,8 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
         if any(matches(t, path_str(path[:i])) for t in cfg.saved_modules
                for i in range(1, len(path) + 1)):
             for attr, var in list(vars(module).items()):
-                if type(var) is nnx.Param:
-                    setattr(module, attr, HeadParam(var[...]))
+                if type(var) in (nnx.Param, BaseKernel):  # frozen, an adapted kernel included
+                    setattr(module, attr, _retyped(var, HeadParam))
                     saved += 1
     if cfg.modules_to_save and not saved:
         raise ValueError(f"modules_to_save {cfg.modules_to_save} match no module of the model; "
@@ -172,6 +207,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         if isinstance(module, LoRALinear):
             a, b, s = module.lora_a[...], module.lora_b[...], module.sketch[...]
             module.base.kernel[...] = module.base.kernel[...] + module.scaling * (a * s) @ b
+            if isinstance(module.base.kernel, BaseKernel):  # the linear as before apply_lora
+                module.base.kernel = _retyped(module.base.kernel, nnx.Param)
             _set_child(model, path, module.base)
     return model
 

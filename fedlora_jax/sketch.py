@@ -1,5 +1,5 @@
 """Per-client sketch masks (paper.md section 1); the payload they imply is accounted in
-:mod:`fedlora_jax.aggregation` (``Aggregator.upload_params``).
+:mod:`fedlora_jax.aggregation` (``Costs.upload``).
 
 Client ``n`` keeps ``k_n`` of the ``r`` rank components of every adapted layer, chosen uniformly
 without replacement; its mask is ``s = (r / k_n) 1_I`` so that ``E[diag(s)] = I``. ``B`` and ``A`` of
@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from fedlora_jax.lora import LoRAA, LoRAB, SketchMask, by_layer, layer_key
 
 
 def rank_mask(key: jax.Array, k: jax.Array, rank: int, dtype=jnp.float32) -> jax.Array:
@@ -35,26 +37,21 @@ def full_sketch(template: nnx.State) -> nnx.State:
     return jax.tree.map(jnp.ones_like, template)
 
 
-def _names(key_path) -> tuple:
-    return tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
-
-
 def restrict_to_sketch(tree: nnx.State, sketch: nnx.State) -> nnx.State:
     """Zeroes the entries of a trainable-shaped tree outside the sketch's support.
 
-    ``lora_a`` (d_in, r) keeps the columns, ``lora_b`` (r, d_out) the rows of the kept components;
-    other trainable leaves (heads) are kept whole. Used on optimizer updates so that weight decay or
+    ``A`` (d_in, r) keeps the columns, ``B`` (r, d_out) the rows of the kept components; other
+    trainable leaves (heads) are kept whole. Used on optimizer updates so that weight decay or
     momentum never moves a component the client did not hold, and by HetLoRA/FlexLoRA/FLoRA to
     zero-pad a rank-``k`` adapter to the global rank.
     """
-    masks = {path[:-1]: var[...] > 0 for path, var in nnx.to_flat_state(sketch)}
+    held = {layer: mask > 0 for layer, mask in by_layer(sketch, SketchMask).items()}
 
-    def restrict(key_path, value):
-        *layer, kind = _names(key_path)
-        if kind == "lora_a":
-            return jnp.where(masks[tuple(layer)][None, :], value, 0)
-        if kind == "lora_b":
-            return jnp.where(masks[tuple(layer)][:, None], value, 0)
-        return value
+    def restrict(path, var):
+        if isinstance(var, LoRAA):
+            return var.replace(jnp.where(held[layer_key(path, var)][None, :], var.get_value(), 0))
+        if isinstance(var, LoRAB):
+            return var.replace(jnp.where(held[layer_key(path, var)][:, None], var.get_value(), 0))
+        return var
 
-    return jax.tree_util.tree_map_with_path(restrict, tree)
+    return nnx.map_state(restrict, tree)

@@ -18,12 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from fedlora_jax.aggregation import (AdapterSizes, Costs, Rule, RuleState, adapter_costs,
                                      lora_factors, map_factors, prefix_sketch, product_averages,
                                      products_rule)
 from fedlora_jax.engine import FederationConfig
-from fedlora_jax.lora import LoRAConfig
+from fedlora_jax.lora import BaseKernel, LoRAConfig, layer_key
 from fedlora_jax.optim import OptimizerConfig
 from fedlora_jax.strategies.base import TieredRanks
 
@@ -31,14 +32,14 @@ MERGED = "merged"
 
 
 def add_to_kernels(base, merged: dict[str, jax.Array]):
-    """``base`` with ``merged[layer]`` added to the kernel of every LoRA layer's base linear."""
-    def add(key_path, leaf):
-        names = [str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey)]
-        layer = "/".join(names[:-2])
-        if names[-2:] == ["base", "kernel"] and layer in merged:
-            return leaf + merged[layer].astype(leaf.dtype)
-        return leaf
-    return jax.tree_util.tree_map_with_path(add, base)
+    """``base`` with ``merged[layer]`` added to the frozen kernel (:class:`BaseKernel`) of every
+    LoRA layer."""
+    def add(path, var):
+        if not isinstance(var, BaseKernel):
+            return var
+        kernel = var.get_value()
+        return var.replace(kernel + merged[layer_key(path, var)].astype(kernel.dtype))
+    return nnx.map_state(add, base)
 
 
 def merged_zeros(trainable, weights) -> RuleState:
