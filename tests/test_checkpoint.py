@@ -113,7 +113,7 @@ def test_save_killed_midway_resumes_from_last_good(tmp_path, monkeypatch, uninte
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="without --resume"):
         with Checkpointer(tmp_path / "none") as saved:
-            saved.restore(template=None, host_template=None)
+            saved.restore(template=None)
 
 
 @pytest.fixture(scope="module")
