@@ -77,6 +77,18 @@ def verify(folder: Path) -> None:
                                   f"{name} differs from its SHA-256 saved with the checkpoint")
 
 
+def check_layout(directory: Path) -> None:
+    """Refuses in one line (:class:`CheckpointError`) the checkpoints in ``directory`` that an
+    earlier version wrote in another layout (a second item, ``host``); it reads no array."""
+    old = sorted((int(p.parent.name) for p in Path(directory).glob(f"*/{OLD_ITEM}")
+                  if p.parent.name.isdigit()), reverse=True)
+    if old:
+        raise CheckpointError(f"The checkpoint of round {old[0]} in {directory} was written by "
+                              "an earlier fedlora-jax, whose layout this version does not read: "
+                              "finish that run with the earlier version, or start it again with "
+                              "--overwrite.")
+
+
 def is_alive(state) -> bool:
     """False when a donated device buffer of ``state`` was consumed (an interrupted round)."""
     return not any(isinstance(leaf, jax.Array) and leaf.is_deleted()
@@ -143,11 +155,7 @@ class Checkpointer:
         if not steps:
             raise FileNotFoundError(f"No checkpoint in {self._manager.directory}; start the run "
                                     "without --resume.")
-        if old := [s for s in steps if (self._step_dir(s) / OLD_ITEM).is_dir()]:
-            raise CheckpointError(f"The checkpoint of round {old[0]} in {self.directory} was "
-                                  "written by an earlier fedlora-jax, whose layout this version "
-                                  "does not read: finish that run with the earlier version, or "
-                                  "start it again with --overwrite.")
+        check_layout(self.directory)
         failures = []
         for step in steps:
             try:

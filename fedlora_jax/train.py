@@ -1,6 +1,7 @@
 """One simulated federated fine-tuning run: built from a RunConfig (:mod:`fedlora_jax.build`), then
-looped over rounds with progress reporting, periodic evaluation, per-round JSONL metrics and orbax
-checkpoints (resumable)."""
+looped over rounds. The run's state is one pytree (:class:`RunState`), checkpointed as it is;
+:func:`run_step` is one round; evaluation, per-round JSONL metrics, progress reporting and orbax
+checkpoints (resumable) are hooks around it (:func:`_loop`)."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
                                              resume=resume, log=log)
             run = Run(setup, strategy, ctx, DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"]),
                       log)
-            state = _loop(run, state, history, checkpoints, cfg, saved, elapsed, progress)
+            state = _loop(run, state, history, checkpoints, cfg, elapsed=elapsed,
+                          progress=progress)
         (out / metrics_lib.ALLOCATION_FILE).write_text(
             json.dumps(allocation_record(setup, state.plan, cfg.system)))
     log(summary(history))
@@ -168,7 +170,7 @@ def run_step(run: Run, state: RunState) -> tuple[RunState, dict]:
 
 
 def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoint.Checkpointer,
-          cfg: config_lib.RunConfig, config: dict, elapsed: float, progress: str) -> RunState:
+          cfg: config_lib.RunConfig, *, elapsed: float, progress: str) -> RunState:
     """:func:`run_step` until ``cfg.federation.rounds``; after each round its row gets the
     elapsed time and, every ``cfg.eval_every`` rounds and at the end, the held-out scores; it is
     appended to ``metrics.jsonl`` and ``history`` (the round is then committed) and reported,
@@ -179,6 +181,7 @@ def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoin
     committed round). A diverging loss raises :class:`Diverged`, naming the last good
     checkpoint."""
     rounds, every, log = cfg.federation.rounds, cfg.checkpoint_every, run.log
+    config, out = config_lib.to_dict(cfg), Path(cfg.output_dir)
     if int(state.server.round) == rounds:
         log(f"the run is complete at round {rounds}: nothing to run (extend it with --rounds)")
     clock_start = time.perf_counter() - elapsed
@@ -187,7 +190,7 @@ def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoin
         checkpoints.save(int(state.server.round), state, config=config,
                          elapsed_s=time.perf_counter() - clock_start)
 
-    with (open(Path(config["output_dir"]) / metrics_lib.METRICS_FILE, "a") as f,
+    with (open(out / metrics_lib.METRICS_FILE, "a") as f,
           progress_reporter(progress, rounds, int(state.server.round)) as report,
           _stop_requests(log) as stop):
         try:
@@ -213,7 +216,7 @@ def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoin
             if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
                 save(state)
             log(f"interrupted: resume from the checkpoint of round {checkpoints.latest_round()} "
-                f"with 'fedlora-jax run --resume --output-dir {config['output_dir']}'")
+                f"with 'fedlora-jax run --resume --output-dir {out}'")
             raise
     return state
 
