@@ -1,10 +1,11 @@
 """The run configuration: frozen dataclasses, loaded from TOML/YAML plus ``--set`` overrides.
 
 Each component keeps its own config beside its code (``LoRAConfig`` in :mod:`lora`, ...); this
-module assembles them into :class:`RunConfig` and turns nested dicts into it, strictly: an unknown
-key names the closest valid one, a wrong type names the field and the expected type, and each
-dataclass validates its own ranges in ``__post_init__``. Nothing runs before the whole config
-validates.
+module assembles them into :class:`RunConfig` and turns nested dicts into it, strictly
+(:mod:`fedlora_jax.fields`): an unknown key names the closest valid one, a wrong type names the
+field and the expected type, and each dataclass validates its own ranges in ``__post_init__``
+(:func:`fedlora_jax.fields.require`). :func:`load_config` then resolves the strategy, once.
+Nothing runs before the whole config validates.
 """
 
 from __future__ import annotations
