@@ -1,30 +1,29 @@
 """The run configuration: frozen dataclasses, loaded from TOML/YAML plus ``--set`` overrides.
 
 Each component keeps its own config beside its code (``LoRAConfig`` in :mod:`lora`, ...); this
-module assembles them into :class:`RunConfig` and turns nested dicts into it, strictly: an unknown
-key names the closest valid one, a wrong type names the field and the expected type, and each
-dataclass validates its own ranges in ``__post_init__``. Nothing runs before the whole config
-validates.
+module assembles them into :class:`RunConfig` and turns nested dicts into it, strictly
+(:mod:`fedlora_jax.fields`): an unknown key names the closest valid one, a wrong type names the
+field and the expected type, and each dataclass validates its own ranges in ``__post_init__``
+(:func:`fedlora_jax.fields.require`). :func:`load_config` then resolves the strategy, once.
+Nothing runs before the whole config validates.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import os
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedlora_jax import presets
+from fedlora_jax import presets, strategies
 from fedlora_jax.client import ClientConfig
 from fedlora_jax.engine import FederationConfig
+from fedlora_jax.fields import from_dict, require
 from fedlora_jax.lora import LoRAConfig
 from fedlora_jax.optim import OptimizerConfig
 from fedlora_jax.wireless import SystemConfig
@@ -39,8 +38,8 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
+        require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
+                "be 'float32' or 'bfloat16'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,32 +68,31 @@ class DataConfig:
     evaluate_on: str = "test"
 
     def __post_init__(self):
-        if self.partition not in ("natural", "dirichlet", "iid"):
-            raise ValueError(f"data.partition must be 'natural', 'dirichlet' or 'iid', "
-                             f"got {self.partition!r}.")
-        if self.partition == "natural" and self.source not in ("builtin",):
-            raise ValueError("data.partition='natural' needs a data set with owners (builtin); "
-                             "use 'dirichlet' or 'iid' for your own file.")
-        if not isinstance(self.num_clients, int) or self.num_clients < 1:
-            raise ValueError(f"data.num_clients must be a positive integer, got {self.num_clients!r}.")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}.")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"data.validation_fraction must be in [0, 1), got "
-                             f"{self.validation_fraction!r}.")
-        if self.evaluate_on not in ("test", "validation"):
-            raise ValueError(f"data.evaluate_on must be 'test' or 'validation', "
-                             f"got {self.evaluate_on!r}.")
-        if self.evaluate_on == "validation" and not self.validation_fraction:
-            raise ValueError("data.evaluate_on='validation' needs a validation split: set "
-                             "data.validation_fraction in (0, 1).")
-        if not self.alpha > 0:
-            raise ValueError(f"data.alpha must be > 0, got {self.alpha!r}.")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"data.max_length must be an integer >= 2, got {self.max_length!r}.")
-        if not isinstance(self.synthetic_per_client, int) or self.synthetic_per_client < 1:
-            raise ValueError(f"data.synthetic_per_client must be a positive integer, "
-                             f"got {self.synthetic_per_client!r}.")
+        require(self.partition in ("natural", "dirichlet", "iid"), "data.partition",
+                self.partition, "be 'natural', 'dirichlet' or 'iid'")
+        require(self.partition != "natural" or self.source == "builtin", "data.partition",
+                self.partition, "be 'dirichlet' or 'iid' for your own file",
+                "'natural' needs a data set with owners (builtin)")
+        require(_is_int(self.num_clients, 1), "data.num_clients", self.num_clients,
+                "be a positive integer")
+        require(0 < self.heldout_fraction < 1, "data.heldout_fraction", self.heldout_fraction,
+                "be in (0, 1)")
+        require(0 <= self.validation_fraction < 1, "data.validation_fraction",
+                self.validation_fraction, "be in [0, 1)")
+        require(self.evaluate_on in ("test", "validation"), "data.evaluate_on", self.evaluate_on,
+                "be 'test' or 'validation'")
+        require(self.evaluate_on != "validation" or self.validation_fraction, "data.evaluate_on",
+                self.evaluate_on, "be 'test' without a validation split",
+                "set data.validation_fraction in (0, 1)")
+        require(self.alpha > 0, "data.alpha", self.alpha, "be > 0")
+        require(_is_int(self.max_length, 2), "data.max_length", self.max_length,
+                "be an integer >= 2")
+        require(_is_int(self.synthetic_per_client, 1), "data.synthetic_per_client",
+                self.synthetic_per_client, "be a positive integer")
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and value >= low
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,109 +122,16 @@ class RunConfig:
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
-        from fedlora_jax import strategies  # strategies import the component configs
-
-        strategies.strategy_of(self)  # the strategy exists and its options are valid
         if self.federation.participants > self.data.num_clients:
             raise ValueError(f"federation.participants={self.federation.participants:g} exceeds "
                              f"data.num_clients={self.data.num_clients}: at most every client "
                              "takes part in a round; lower participants or raise num_clients.")
-        if self.bandwidth_allocation not in ("adaptive", "equal"):
-            raise ValueError(f"bandwidth_allocation must be 'adaptive' or 'equal', "
-                             f"got {self.bandwidth_allocation!r}.")
-        if not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}.")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end and "
-                             f"on Ctrl-C), got {self.checkpoint_every!r}.")
-
-
-def _closest(name: str, options, where: str = "") -> str:
-    prefix = f"{where}." if where else ""
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return (f" Did you mean {prefix + match[0]!r}?" if match else
-            f" Valid keys: {sorted(prefix + o for o in options)}.")
-
-
-def _coerce(value: Any, hint, where: str):
-    """Converts a parsed value to the field's type, or raises naming the field."""
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise TypeError(errors[0])
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {value!r}.")
-        return tuple(_coerce(v, typing.get_args(hint)[0], where) for v in value)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise TypeError(f"{where} must be a table of settings, got {value!r}.")
-        return from_dict(hint, value, where)
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}.")
-        return value
-    if hint is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise TypeError(f"{where} must be an integer, got {value!r}.") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an integer, got {value!r}.")
-        return value
-    if hint is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where} must be a number, got {value!r}.") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}.")
-        return value
-    return value
-
-
-def from_dict(cls, values: dict, where: str = ""):
-    """Builds dataclass ``cls`` from a nested dict; defaults fill what is absent."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in values:
-        if key not in fields:
-            name = f"{where}.{key}" if where else key
-            raise ValueError(f"Unknown config key {name!r}.{_closest(key, fields, where)}")
-    kwargs = {}
-    defaults = cls()
-    for key, value in values.items():
-        name = f"{where}.{key}" if where else key
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            current = dataclasses.asdict(getattr(defaults, key))
-            value = {**current, **value}
-        try:
-            kwargs[key] = _coerce(value, hint, name)
-        except TypeError as e:  # a user error like any other: ValueError, naming the field
-            raise ValueError(str(e)) from None
-    try:
-        return dataclasses.replace(defaults, **kwargs)
-    except (ValueError, TypeError) as e:  # the component's own check; name its section
-        message = str(e)
-        named = not where or message.startswith(where)
-        raise ValueError(message if named else f"{where}: {message}") from None
+        require(self.bandwidth_allocation in ("adaptive", "equal"), "bandwidth_allocation",
+                self.bandwidth_allocation, "be 'adaptive' or 'equal'")
+        require(_is_int(self.eval_every, 1), "eval_every", self.eval_every,
+                "be a positive integer")
+        require(_is_int(self.checkpoint_every, 0), "checkpoint_every", self.checkpoint_every,
+                "be an integer >= 0 (0: only at the end and on Ctrl-C)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -242,9 +147,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: RunCon
     """Layers ``base`` (default: :class:`RunConfig`), a named preset, a TOML/YAML/JSON file and
     ``--set`` overrides, in that order; validates everything, refuses settings of the file and
     overrides that contradict the strategy, and returns the config with the strategy's pinned
-    settings applied."""
-    from fedlora_jax import strategies  # strategies import the component configs
-
+    settings applied. The strategy is resolved here, once: a :class:`RunConfig` built otherwise
+    is checked by :func:`fedlora_jax.train.train`."""
     before = baseline(base, preset)
     values = copy.deepcopy(before)
     if path is not None:

@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from fedlora_jax import checkpoint
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics
 
@@ -110,8 +111,10 @@ def saved_config(out: Path) -> dict:
 def check_resume(out: Path, cfg: dict) -> dict[str, tuple]:
     """The settings of ``cfg`` that differ from the saved run's: ValueError naming each one the
     run cannot change (:data:`fedlora_jax.config.RESUMABLE`) with both values, or a round count
-    below the latest checkpoint's; else the allowed changes, ``{setting: (old, new)}`` (the
-    folder's own path aside)."""
+    below the latest checkpoint's, or checkpoints of an earlier version
+    (:func:`fedlora_jax.checkpoint.check_layout`); else the allowed changes,
+    ``{setting: (old, new)}`` (the folder's own path aside)."""
+    checkpoint.check_layout(out / CHECKPOINT_DIR)
     changed = config_lib.differences(saved_config(out), cfg)
     changed.pop("output_dir", None)  # a moved or copied folder: where the run is now
     fixed = {k: v for k, v in changed.items() if k not in config_lib.RESUMABLE}

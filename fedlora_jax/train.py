@@ -1,6 +1,7 @@
 """One simulated federated fine-tuning run: built from a RunConfig (:mod:`fedlora_jax.build`), then
-looped over rounds with progress reporting, periodic evaluation, per-round JSONL metrics and orbax
-checkpoints (resumable)."""
+looped over rounds. The run's state is one pytree (:class:`RunState`), checkpointed as it is;
+:func:`run_step` is one round; evaluation, per-round JSONL metrics, progress reporting and orbax
+checkpoints (resumable) are hooks around it (:func:`_loop`)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedlora_jax import checkpoint, rundir, strategies, theory
+from fedlora_jax import checkpoint, rundir, strategies
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics as metrics_lib
 from fedlora_jax.build import Setup, allocation_record, build, evaluate, strategy_context
-from fedlora_jax.engine import FederatedEngine
+from fedlora_jax.engine import ServerState
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
 
@@ -54,14 +55,6 @@ def _postfix(row: dict) -> dict[str, str]:
             if key in row and np.isfinite(row[key])}
 
 
-def _round_row(r: int, state, result, elapsed_s: float) -> dict:
-    return {"round": r, "participants": int(result.participants.size),
-            "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
-            "uplink_params": result.uplink_params, "sim_clock_s": float(state.clock),
-            **{f"round_{name}_s": t for name, t in result.times.items()},
-            "elapsed_s": elapsed_s}
-
-
 class Interrupted(Exception):
     """The run stopped on SIGINT or SIGTERM at a round boundary, after saving that round."""
 
@@ -81,6 +74,26 @@ class Diverged(ValueError):
 DIVERGED_FACTOR = 100.0
 
 
+class RunState(NamedTuple):
+    """Everything a run carries from one round to the next; checkpointed as one pytree."""
+
+    server: ServerState  # the engine's state: global adapter, optimizer state, round, key, clock
+    estimates: strategies.Estimates  # what the strategy learned of the clients so far
+    plan: strategies.Plan  # the clients' q and k for the next round (until the strategy re-plans)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What stays fixed through a run: the built run, the strategy and what it may know, the
+    loss above which the run diverged, and where planning messages go."""
+
+    setup: Setup
+    strategy: strategies.Strategy
+    ctx: strategies.Context
+    bound: float
+    log: Callable[[str], None] = print
+
+
 def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
           resume: bool = False, overwrite: bool = False) -> list[dict]:
     """Runs ``cfg``; writes ``config.json``, ``config_history.jsonl``, ``labels.json``,
@@ -90,125 +103,141 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     The folder is checked (:mod:`fedlora_jax.rundir`: not held by another run; an existing run
     there only with ``resume`` or ``overwrite``; a resume only with settings the run may change),
     then the data and model are built, and only then is the folder locked and written.
-    Checkpoints are saved every ``cfg.checkpoint_every`` rounds and after the last round. SIGINT
-    or SIGTERM stops the run at the next round boundary, saves that round and raises
-    :class:`Interrupted` (a second SIGINT stops at once: ``KeyboardInterrupt``, saving the last
-    finished round). ``resume=True`` restores the newest checkpoint that verifies, truncates
-    ``metrics.jsonl`` to its round and continues exactly as an uninterrupted run would. A
-    diverging loss raises :class:`Diverged`, naming the last good checkpoint.
-
-    Before each round the run's strategy (``cfg.strategy``) gives the clients' ``q`` and ``k``
-    when it is due to plan; after it, the round's update norms refine the strategy's estimates
-    (checkpointed with the plan in use, so a resumed run plans as the uninterrupted one).
+    ``resume=True`` restores the newest checkpoint that verifies, truncates ``metrics.jsonl`` to
+    its round and continues exactly as an uninterrupted run would. The rounds are
+    :func:`run_step`, with evaluation, metrics, progress and checkpoints around it
+    (:func:`_loop`).
     """
-    cfg = strategies.configure(cfg)
     strategy = strategies.strategy_of(cfg)
+    cfg = strategies.configure(cfg, strategy)
     out = Path(cfg.output_dir)
     rundir.check_free(out, resume=resume, overwrite=overwrite)
     saved = config_lib.to_dict(cfg)
     changed = rundir.check_resume(out, saved) if resume else {}
     setup = build(cfg)
-    engine = setup.engine
-    log(f"model: {setup.description}; clients: {engine.num_clients}; "
+    log(f"model: {setup.description}; clients: {setup.engine.num_clients}; "
         f"held-out examples: {len(setup.heldout['input_ids'])}")
     log(f"classes: {_label_map(setup.label_names)}")
-    metrics_path = out / metrics_lib.METRICS_FILE
     ctx = strategy_context(cfg, setup)
     with rundir.lock(out):
         rundir.check_contents(out, resume=resume, overwrite=overwrite)  # as it is now, locked
         if overwrite:
             rundir.clear(out)
         with checkpoint.Checkpointer(out / rundir.CHECKPOINT_DIR) as checkpoints:
-            state, est, plan, history, elapsed = _start(
-                setup, ctx, checkpoints, saved, changed, resume=resume, log=log)
-            rounds, every = cfg.federation.rounds, cfg.checkpoint_every
-            if int(state.round) == rounds:
-                log(f"the run is complete at round {rounds}: nothing to run (extend it with "
-                    "--rounds)")
-            bound = DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"])
-            clock_start = time.perf_counter() - elapsed
-
-            def save(state, est, plan) -> int:
-                return checkpoints.save(state, _host_tree(est, plan), config=saved,
-                                        elapsed_s=time.perf_counter() - clock_start)
-
-            with (open(metrics_path, "a") as f,
-                  progress_reporter(progress, rounds, int(state.round)) as report,
-                  _stop_requests(log) as stop):
-                try:
-                    for r in range(int(state.round) + 1, rounds + 1):
-                        if strategy.due(r):
-                            plan = _plan(strategy, r, ctx, est, log)
-                        new_state, result = _run_round(engine, state, plan, r, bound, checkpoints)
-                        new_est = strategies.observe(
-                            est, ctx, plan, result.participants, result.clients.update_sq_norm,
-                            result.applied_sq_norm, head_sq_norms=result.clients.head_sq_norm)
-                        row = _round_row(r, new_state, result, time.perf_counter() - clock_start)
-                        row.update(expected_participants=float(plan.q.sum()),
-                                   mean_rank=float(plan.k.mean()), est_signal=new_est.signal,
-                                   est_g2_mean=float(new_est.g2.mean()))
-                        if r % cfg.eval_every == 0 or r == rounds:
-                            row.update(evaluate(setup, new_state))
-                        f.write(json.dumps(row) + "\n")
-                        f.flush()
-                        history.append(row)
-                        # the round is committed: state, estimates and next plan move together
-                        state, est, plan = new_state, new_est, strategy.revise(plan, result)
-                        report(row)
-                        halt = stop[:1]  # a signal from here on stops after the next round
-                        if (every and r % every == 0) or r == rounds or halt:
-                            save(state, est, plan)
-                        if halt:
-                            raise Interrupted(halt[0], r)
-                except KeyboardInterrupt:
-                    if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
-                        save(state, est, plan)
-                    log(f"interrupted: resume from the checkpoint of round "
-                        f"{checkpoints.latest_round()} with 'fedlora-jax run --resume "
-                        f"--output-dir {out}'")
-                    raise
+            fresh = RunState(setup.engine.init(), strategies.init_estimates(ctx.num_clients),
+                             ctx.uniform())
+            state, history, elapsed = _start(setup, fresh, checkpoints, saved, changed,
+                                             resume=resume, log=log)
+            run = Run(setup, strategy, ctx, DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"]),
+                      log)
+            state = _loop(run, state, history, checkpoints, cfg, elapsed=elapsed,
+                          progress=progress)
         (out / metrics_lib.ALLOCATION_FILE).write_text(
-            json.dumps(allocation_record(setup, plan, cfg.system)))
+            json.dumps(allocation_record(setup, state.plan, cfg.system)))
     log(summary(history))
     return history
 
 
-def _start(setup: Setup, ctx: strategies.Context, checkpoints: checkpoint.Checkpointer,
-           config: dict, changed: dict, *, resume: bool, log):
-    """-> ``(state, estimates, plan, metrics rows, elapsed seconds)`` to run from: the newest
-    good checkpoint (``metrics.jsonl`` truncated to its round), or round 0, evaluated. Records
-    the config the run continues or starts with."""
-    engine, out = setup.engine, Path(config["output_dir"])
+def run_step(run: Run, state: RunState) -> tuple[RunState, dict]:
+    """One round: the strategy plans if due, the engine trains and aggregates, and the round's
+    update norms refine the estimates. -> (the next state, the round's metrics row).
+
+    Raises :class:`Diverged` when the clients' updates or their mean training loss are not
+    finite, or the loss exceeds ``run.bound``."""
+    strategy, engine = run.strategy, run.setup.engine
+    r = int(state.server.round) + 1
+    plan = _plan(strategy, r, run.ctx, state.estimates, run.log) if strategy.due(r) else state.plan
+    try:
+        server, result = engine.run_round(state.server, plan.q, plan.k)
+    except FloatingPointError as e:
+        raise Diverged(f"Training diverged in round {r}: {e}.") from None
+    if result.participants.size and not result.train_loss <= run.bound:
+        raise Diverged(f"Training diverged in round {r}: train loss {result.train_loss:.4g} "
+                       f"(bound {run.bound:.4g}).")
+    estimates = strategies.observe(state.estimates, run.ctx, plan, result.participants,
+                                   result.clients.update_sq_norm, result.applied_sq_norm,
+                                   head_sq_norms=result.clients.head_sq_norm)
+    row = {"round": r, "participants": int(result.participants.size),
+           "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
+           "uplink_params": result.uplink_params, "sim_clock_s": float(server.clock),
+           **{f"round_{name}_s": t for name, t in result.times.items()},
+           "expected_participants": float(plan.q.sum()), "mean_rank": float(plan.k.mean()),
+           "est_signal": estimates.signal, "est_g2_mean": float(estimates.g2.mean())}
+    return RunState(server, estimates, strategy.revise(plan, result)), row
+
+
+def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoint.Checkpointer,
+          cfg: config_lib.RunConfig, *, elapsed: float, progress: str) -> RunState:
+    """:func:`run_step` until ``cfg.federation.rounds``; after each round its row gets the
+    elapsed time and, every ``cfg.eval_every`` rounds and at the end, the held-out scores; it is
+    appended to ``metrics.jsonl`` and ``history`` (the round is then committed) and reported,
+    and the state is saved every ``cfg.checkpoint_every`` rounds and after the last.
+
+    SIGINT or SIGTERM stops the run at the next round boundary, saves that round and raises
+    :class:`Interrupted` (a second SIGINT stops at once: ``KeyboardInterrupt``, saving the last
+    committed round). A diverging loss raises :class:`Diverged`, naming the last good
+    checkpoint."""
+    rounds, every, log = cfg.federation.rounds, cfg.checkpoint_every, run.log
+    config, out = config_lib.to_dict(cfg), Path(cfg.output_dir)
+    if int(state.server.round) == rounds:
+        log(f"the run is complete at round {rounds}: nothing to run (extend it with --rounds)")
+    clock_start = time.perf_counter() - elapsed
+
+    def save(state: RunState) -> None:
+        checkpoints.save(int(state.server.round), state, config=config,
+                         elapsed_s=time.perf_counter() - clock_start)
+
+    with (open(out / metrics_lib.METRICS_FILE, "a") as f,
+          progress_reporter(progress, rounds, int(state.server.round)) as report,
+          _stop_requests(log) as stop):
+        try:
+            for r in range(int(state.server.round) + 1, rounds + 1):
+                try:
+                    new, row = run_step(run, state)
+                except Diverged as e:
+                    raise Diverged(f"{e} {_restart_hint(checkpoints)}") from None
+                row["elapsed_s"] = time.perf_counter() - clock_start
+                if r % cfg.eval_every == 0 or r == rounds:
+                    row.update(evaluate(run.setup, new.server))
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                history.append(row)
+                state = new  # committed: its row is in metrics.jsonl
+                report(row)
+                halt = stop[:1]  # a signal from here on stops after the next round
+                if (every and r % every == 0) or r == rounds or halt:
+                    save(state)
+                if halt:
+                    raise Interrupted(halt[0], r)
+        except KeyboardInterrupt:
+            if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
+                save(state)
+            log(f"interrupted: resume from the checkpoint of round {checkpoints.latest_round()} "
+                f"with 'fedlora-jax run --resume --output-dir {out}'")
+            raise
+    return state
+
+
+def _start(setup: Setup, fresh: RunState, checkpoints: checkpoint.Checkpointer, config: dict,
+           changed: dict, *, resume: bool, log) -> tuple[RunState, list[dict], float]:
+    """-> ``(state, metrics rows, elapsed seconds)`` to run from: the newest good checkpoint
+    (restored into the structure of ``fresh``; ``metrics.jsonl`` truncated to its round), or
+    ``fresh``, evaluated. Records the config the run continues or starts with."""
+    out = Path(config["output_dir"])
     metrics_path = out / metrics_lib.METRICS_FILE
-    fresh = engine.init(), strategies.init_estimates(engine.num_clients), ctx.uniform()
     if resume:
-        state, host, meta = checkpoints.restore_latest_good(fresh[0], _host_tree(*fresh[1:]),
-                                                            log=log)
-        est, plan = _from_host_tree(host)
-        history = metrics_lib.truncate(metrics_path, int(state.round))
-        rundir.record_config(out, config, int(state.round) + 1, changed)
-        log(f"resumed from the checkpoint of round {int(state.round)}"
+        state, meta = checkpoints.restore_latest_good(fresh, log=log)
+        saved_round = int(state.server.round)
+        history = metrics_lib.truncate(metrics_path, saved_round)
+        rundir.record_config(out, config, saved_round + 1, changed)
+        log(f"resumed from the checkpoint of round {saved_round}"
             + (f"; changed: {_listed(changed)}" if changed else ""))
-        return state, est, plan, history, meta["elapsed_s"]
+        return state, history, meta["elapsed_s"]
     rundir.record_config(out, config, 1, {})
     (out / rundir.LABELS_FILE).write_text(json.dumps(list(setup.label_names)))
-    state, est, plan = fresh
-    history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, state)}]
+    history = [{"round": 0, "sim_clock_s": 0.0, **evaluate(setup, fresh.server)}]
     metrics_path.write_text(json.dumps(history[0]) + "\n")
-    return state, est, plan, history, 0.0
-
-
-def _run_round(engine: FederatedEngine, state, plan: strategies.Plan, r: int, bound: float,
-               checkpoints: checkpoint.Checkpointer):
-    """``engine.run_round`` (round ``r``), stopped with :class:`Diverged` when the clients'
-    updates or their mean training loss are not finite or the loss exceeds ``bound``."""
-    try:
-        new_state, result = engine.run_round(state, plan.q, plan.k)
-    except FloatingPointError as e:
-        raise _diverged(r, str(e), checkpoints) from None
-    if result.participants.size and not result.train_loss <= bound:
-        raise _diverged(r, f"train loss {result.train_loss:.4g} (bound {bound:.4g})", checkpoints)
-    return new_state, result
+    return fresh, history, 0.0
 
 
 def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
@@ -225,14 +254,14 @@ def _plan(strategy: strategies.Strategy, r: int, ctx: strategies.Context,
     return plan
 
 
-def _diverged(round: int, what: str, checkpoints: checkpoint.Checkpointer) -> Diverged:
+def _restart_hint(checkpoints: checkpoint.Checkpointer) -> str:
+    """How to go on after a divergence: from the last good checkpoint, with a lower rate."""
     last = checkpoints.latest_round()
     where = (f"The last good checkpoint is round {last} in {checkpoints.directory}: resume "
              f"from it with --resume and a lower --set client_optimizer.learning_rate=..."
              if last is not None else "No checkpoint was saved yet: start again with "
              "--overwrite and a lower --set client_optimizer.learning_rate=...")
-    return Diverged(f"Training diverged in round {round}: {what}. {where} (or set "
-                    "client_optimizer.clip_norm).")
+    return f"{where} (or set client_optimizer.clip_norm)."
 
 
 @contextlib.contextmanager
@@ -268,20 +297,6 @@ def _label_map(names: tuple[str, ...], limit: int = 12) -> str:
 
 def _listed(changed: dict[str, tuple]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-
-
-def _host_tree(est: strategies.Estimates, plan: strategies.Plan) -> dict:
-    """The strategy's estimates and current plan as a pytree of arrays, for the checkpoint."""
-    return jax.tree.map(np.asarray, {"estimates": dataclasses.asdict(est),
-                                     "plan": plan._asdict()})
-
-
-def _from_host_tree(tree: dict) -> tuple[strategies.Estimates, strategies.Plan]:
-    e = tree["estimates"]
-    est = strategies.Estimates(theory.GradNormState(**{k: jnp.asarray(v) for k, v in
-                                                       e["grad_norms"].items()}),
-                               float(e["signal"]), int(e["reports"]))
-    return est, strategies.Plan(**tree["plan"])
 
 
 def summary(history: list[dict]) -> str:

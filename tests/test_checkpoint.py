@@ -113,7 +113,7 @@ def test_save_killed_midway_resumes_from_last_good(tmp_path, monkeypatch, uninte
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="without --resume"):
         with Checkpointer(tmp_path / "none") as saved:
-            saved.restore(template=None, host_template=None)
+            saved.restore(template=None)
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +225,21 @@ def test_signal_mid_run_saves_the_round_then_resume_is_exact(signum, code, tmp_p
     for a, b in zip(_saved_arrays(tmp_path, SIGNAL_ROUNDS), _saved_arrays(ref_dir, SIGNAL_ROUNDS),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_refused_and_kept(tmp_path):
+    """Earlier versions saved the strategy's estimates and plan as a second item, ``host``,
+    beside ``state``: a resume refuses them in one line and leaves them as they are."""
+    folder = tmp_path / "checkpoints"
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"x": np.zeros(2)}),
+        host=ocp.args.StandardSave({"plan": np.ones(2)}), meta=ocp.args.JsonSave({"round": 3})))
+    manager.close()
+    before = sorted(str(p) for p in folder.rglob("*"))
+    with Checkpointer(folder) as saved:
+        with pytest.raises(CheckpointError, match="round 3 .*earlier fedlora-jax.*--overwrite") as e:
+            saved.restore_latest_good({"x": np.zeros(2)}, log=lambda line: None)
+    assert len(str(e.value).splitlines()) == 1
+    assert sorted(str(p) for p in folder.rglob("*")) == before

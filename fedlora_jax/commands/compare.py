@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedlora_jax import stats
+from fedlora_jax.fields import require
 
 EXAMPLE = textwrap.dedent("""\
     examples:
@@ -333,11 +334,11 @@ def plan_protocol(args) -> Protocol:
         strategies.get_strategy(name)
     seeds = _parse_seeds(args.seeds, "seeds")
     tune_seeds = _parse_seeds(args.tune_seeds, "tune-seeds")
-    if set(seeds) & set(tune_seeds):
-        raise ValueError(f"--tune-seeds must be disjoint from --seeds (both hold "
-                         f"{sorted(set(seeds) & set(tune_seeds))}); e.g. --tune-seeds 1000,1001.")
-    if args.budget is not None and not args.budget > 0:
-        raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}.")
+    both = sorted(set(seeds) & set(tune_seeds))
+    require(not both, "--tune-seeds", args.tune_seeds, "be disjoint from --seeds",
+            f"both hold {both}; e.g. --tune-seeds 1000,1001")
+    require(args.budget is None or args.budget > 0, "--budget", args.budget,
+            "be a positive number of seconds")
     base = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items()
             if getattr(args, name) is not None]
     base = ["eval_every=1", *base, *args.overrides,
@@ -347,8 +348,8 @@ def plan_protocol(args) -> Protocol:
            [float(f"{f * default.client_optimizer.learning_rate:.3g}") for f in LR_FACTORS])
     server_lrs = (_parse_list(args.server_lr_grid, float, "server-lr-grid") if args.server_lr_grid
                   else [default.server_optimizer.learning_rate])
-    if min(lrs + server_lrs) <= 0:
-        raise ValueError("--lr-grid and --server-lr-grid take positive learning rates.")
+    require(min(lrs + server_lrs) > 0, "--lr-grid and --server-lr-grid", lrs + server_lrs,
+            "be positive learning rates")
     grids = {name: [Setting(lr, slr if "server_optimizer" not in
                             strategies.get_strategy(name).settings() else None)
                     for lr in lrs for slr in server_lrs] for name in names}
@@ -455,6 +456,5 @@ def _parse_seeds(text: str, what: str) -> list[int]:
         except ValueError:
             raise ValueError(f"--{what} takes integers and ranges like 0-19, "
                              f"got {item!r}.") from None
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise ValueError(f"--{what} must name distinct seeds, got {text!r}.")
+    require(bool(seeds) and len(set(seeds)) == len(seeds), f"--{what}", text, "name distinct seeds")
     return seeds

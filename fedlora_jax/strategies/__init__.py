@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import typing
 
+from fedlora_jax.fields import closest, coerce, require
 from fedlora_jax.strategies.adaptive import Adaptive
 from fedlora_jax.strategies.base import (
     Context,
@@ -52,22 +53,19 @@ def strategy_of(cfg) -> Strategy:
     """The run's strategy: ``cfg.strategy`` with the parameters in ``cfg.strategy_options``
     (e.g. ``{"pilot_rounds": 3}`` for ``adaptive``, ``{"ratios": [0.25, 0.5]}`` for ``fslora``);
     an unknown parameter names the closest valid one."""
-    from fedlora_jax.config import _closest, _coerce
-
     strategy = get_strategy(cfg.strategy)
     options = cfg.strategy_options
-    if not isinstance(options, dict):
-        raise ValueError(f"strategy_options must be a table of the strategy's parameters, got "
-                         f"{options!r}; e.g. --set strategy_options.pilot_rounds=3.")
+    require(isinstance(options, dict), "strategy_options", options,
+            "be a table of the strategy's parameters", "e.g. --set strategy_options.pilot_rounds=3")
     params = {f.name for f in dataclasses.fields(strategy) if f.name != "name"}
     hints = typing.get_type_hints(type(strategy))
     values = {}
     for key, value in options.items():
         if key not in params:
             raise ValueError(f"Unknown parameter strategy_options.{key} of strategy "
-                             f"{strategy.name!r}.{_closest(key, params, 'strategy_options')}")
+                             f"{strategy.name!r}.{closest(key, params, 'strategy_options')}")
         try:
-            values[key] = _coerce(value, hints[key], f"strategy_options.{key}")
+            values[key] = coerce(value, hints[key], f"strategy_options.{key}")
         except TypeError as e:
             raise ValueError(str(e)) from None
     return dataclasses.replace(strategy, **values)

@@ -76,6 +76,7 @@ class Context:
                     np.broadcast_to(np.asarray(k, np.int32), (n,)).copy())
 
 
+@jax.tree_util.register_dataclass  # a pytree: checkpointed with the run's state
 @dataclasses.dataclass(frozen=True)
 class Estimates:
     """Online estimates: ``G_n^2`` (:class:`theory.GradNormState`) and the signal ``|g|^2``."""
