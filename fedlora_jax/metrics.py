@@ -72,7 +72,8 @@ def to_csv(metrics: dict[str, np.ndarray] | str | Path, out: str | Path) -> Path
     return out
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +117,7 @@ def _series(m: dict[str, np.ndarray], x: str, y: str) -> tuple[np.ndarray, np.nd
 
 def plot_learning_curves(m: dict[str, np.ndarray], path: Path) -> Path:
     """Loss and accuracy (train and held-out) against rounds and against simulated wall-clock."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     for row, metric in enumerate(("loss", "accuracy")):
         for col, (x, label) in enumerate((("round", "round"),
@@ -142,7 +143,7 @@ def plot_round_times(m: dict[str, np.ndarray], path: Path) -> Path:
     this run), on shared bins with an integer count axis."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     parts = {part: values[np.isfinite(values)] for part in ROUND_PARTS
              if (values := m.get(f"round_{part}_s")) is not None}
     parts = {part: values for part, values in parts.items() if values.size and values.any()}
@@ -167,7 +168,7 @@ RESOURCES = {"flops_per_s": "compute speed (FLOP/s)", "snr_hz": "p h / N0 (Hz)"}
 def plot_allocation(allocation: dict[str, list[float]], path: Path,
                     title: str = "allocation per client") -> Path:
     """Each client's sampling probability ``q`` and sketch ratio ``rho`` against its resources."""
-    plt = _pyplot()
+    plt = pyplot()
     resources = [name for name in RESOURCES if name in allocation]
     fig, axes = plt.subplots(2, len(resources), figsize=(4.5 * len(resources), 7), squeeze=False,
                              constrained_layout=True)

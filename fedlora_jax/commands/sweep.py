@@ -165,9 +165,9 @@ def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
 def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
     """Final accuracy and simulated wall-clock against the first grid key, one line per setting of
     the other keys."""
-    from fedlora_jax.metrics import _pyplot, log_x_axis
+    from fedlora_jax.metrics import pyplot, log_x_axis
 
-    plt = _pyplot()
+    plt = pyplot()
     x_key, others = keys[0], keys[1:]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for group, members in itertools.groupby(sorted(rows, key=lambda r: [str(r[k]) for k in others]),

@@ -2,7 +2,7 @@
 
 A wrapped layer at NNX path ``p`` is stored as ``base_model.model.<p joined by dots>.lora_A.weight``
 ``(r, d_in)`` and ``lora_B.weight`` ``(d_out, r)`` (torch layout, our ``A``/``B`` transposed); a
-``modules_to_save`` parameter under its Hugging Face name (:func:`fedlora_jax.models.hf.hf_name`).
+``modules_to_save`` parameter under its Hugging Face name (:func:`fedlora_jax.models.hf_weights.hf_name`).
 This works because the NNX models mirror ``transformers``' module names, so
 ``peft.PeftModel.from_pretrained(hf_model, directory)`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` (or ``load_pretrained(model_dir, adapter=directory)``, which also reads the
@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from fedlora_jax.lora import HeadParam, LoRAConfig, LoRALinear, lora_layers, matches, path_str
-from fedlora_jax.models.hf import hf_name, open_safetensors, read_safetensors
+from fedlora_jax.models.hf_weights import hf_name, open_safetensors, read_safetensors
 
 PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
