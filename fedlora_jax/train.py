@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedlora_jax import checkpoint, rundir, strategies, theory
+from fedlora_jax import checkpoint, plan_report, rundir, strategies, theory
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics as metrics_lib
 from fedlora_jax.build import Setup, allocation_record, build, evaluate, strategy_context
@@ -172,6 +172,8 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
         (out / metrics_lib.ALLOCATION_FILE).write_text(
             json.dumps(allocation_record(setup, plan, cfg.system)))
     log(summary(history))
+    log(plan_report.summary(ctx, plan, history,
+                            plan_report.last_planned(strategy, cfg.federation.rounds)))
     return history
 
 
