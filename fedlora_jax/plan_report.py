@@ -5,6 +5,9 @@ The prediction is the solver's model of a round's expected cost (:func:`solver.e
 at the plan's ``(q, k / r)``, with the run's network, workload and per-round overhead, adaptive
 bandwidth allocation); the simulation is the mean of the rounds that ran under the final plan
 (the rounds since the strategy last planned), taken from the metrics rows' ``sim_clock_s``.
+The model samples clients independently; for the strategies that draw exactly K of N it treats
+their draw as independent at the same ``q``, and it allocates bandwidth adaptively even where the
+run splits the band equally, so there the two times differ by design.
 """
 
 from __future__ import annotations
