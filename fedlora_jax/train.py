@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedlora_jax import checkpoint, rundir, strategies
+from fedlora_jax import checkpoint, plan_report, rundir, strategies
 from fedlora_jax import config as config_lib
 from fedlora_jax import metrics as metrics_lib
 from fedlora_jax.build import Setup, allocation_record, build, evaluate, strategy_context
@@ -135,6 +135,8 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
         (out / metrics_lib.ALLOCATION_FILE).write_text(
             json.dumps(allocation_record(setup, state.plan, cfg.system)))
     log(summary(history))
+    log(plan_report.summary(ctx, state.plan, history,
+                            plan_report.last_planned(strategy, cfg.federation.rounds)))
     return history
 
 

@@ -53,10 +53,12 @@ def test_error_in_a_file_names_the_field(tmp_path):
 
 def test_toml_yaml_and_set_layer_in_order(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('eval_every = 2\n[federation]\nrounds = 3\nsketch_ratio = 0.25\n'
+    toml.write_text('strategy = "fixed"\neval_every = 2\n'
+                    '[federation]\nrounds = 3\nsketch_ratio = 0.25\n'
                     '[lora]\ntargets = ["query"]\n')
     yml = tmp_path / "run.yaml"
-    yml.write_text("eval_every: 2\nfederation:\n  rounds: 3\n  sketch_ratio: 0.25\n"
+    yml.write_text("strategy: fixed\neval_every: 2\n"
+                   "federation:\n  rounds: 3\n  sketch_ratio: 0.25\n"
                    "lora:\n  targets: [query]\n")
     a, b = load_config(str(toml)), load_config(str(yml))
     assert a == b

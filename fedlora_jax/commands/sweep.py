@@ -59,7 +59,7 @@ AXES: dict[str, Axis] = {
 }
 
 DEFAULT_GRID = {"clients": "100,1000,10000,100000,1000000"}
-BASE_OVERRIDES = ("data.synthetic_per_client=2", "federation.rounds=5", "federation.chunk_size=8",
+BASE_OVERRIDES = ("strategy=fixed", "data.synthetic_per_client=2", "federation.rounds=5", "federation.chunk_size=8",
                   "federation.participants=16")
 LOG_AXES = ("clients", "participants", "bandwidth")
 HELDOUT = 2048  # held-out examples per point, at most (the fraction shrinks as clients grow)
