@@ -18,9 +18,10 @@ def _cache():
     compile_cache.enable()
 
 
-def test_default_strategy_is_adaptive_and_fixed_is_one_flag_away():
-    assert RunConfig().strategy == load_config().strategy == "adaptive"
-    assert load_config(overrides=["strategy=fixed"]).strategy == "fixed"
+def test_adaptive_is_one_flag_away():
+    # the default stays ``fixed`` until ``adaptive`` learns the embedded task (docs/results.md)
+    assert RunConfig().strategy == load_config().strategy == "fixed"
+    assert load_config(overrides=["strategy=adaptive"]).strategy == "adaptive"
     assert load_config(overrides=["strategy=fixed", "federation.sketch_ratio=0.25"]
                        ).federation.sketch_ratio == 0.25
 
@@ -38,11 +39,12 @@ def test_last_planned_is_the_strategys_last_due_round():
     assert plan_report.last_planned(strategies.get_strategy("fixed"), 20) == 1
 
 
-def test_default_run_writes_adaptive_and_prints_its_plan(tmp_path, capsys):
-    """The default strategy on the tiny preset, every client at q = 1 (the pilot's uniform plan):
+def test_adaptive_run_writes_adaptive_and_prints_its_plan(tmp_path, capsys):
+    """``adaptive`` on the tiny preset, every client at q = 1 (the pilot's uniform plan):
     participation is certain, so the solver's predicted round time must equal the engine's
     simulated clock (an independent implementation of the same time model)."""
-    code = cli.main(["run", "--preset", "tiny", "--rounds", "2", "--quiet", "--set",
+    code = cli.main(["run", "--preset", "tiny", "--strategy", "adaptive", "--rounds", "2",
+                     "--quiet", "--set",
                      "federation.participants=16", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out

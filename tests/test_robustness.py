@@ -130,7 +130,7 @@ def test_two_concurrent_runs_on_one_folder(tmp_path):
     (["--data", "builtin"], "'synthetic'", "'builtin'"),
     (["--seed", "3"], "0", "3"),
     (["--set", "data.partition=dirichlet"], "'iid'", "'dirichlet'"),
-    (["--strategy", "fedit"], "'adaptive'", "'fedit'"),
+    (["--strategy", "fedit"], "'fixed'", "'fedit'"),
     (["--set", "client_optimizer.name=sgd"], "'adamw'", "'sgd'"),
 ], ids=lambda v: v[-1] if isinstance(v, list) else None)
 def test_resume_refuses_a_change_of_the_runs_identity(option, old, new, finished, capsys):

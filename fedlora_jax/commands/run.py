@@ -42,8 +42,8 @@ def _preset_help() -> str:
 
 def _strategy_help() -> str:
     from fedlora_jax.strategies import STRATEGIES
-    return ("how clients are sampled, sketched and aggregated (default 'adaptive': the paper's "
-            "solver plans every client's q and rank; 'fixed': the federation settings as given): "
+    return ("how clients are sampled, sketched and aggregated (default 'fixed': the federation "
+            "settings as given; 'adaptive': the paper's solver plans every client's q and rank): "
             f"{', '.join(STRATEGIES)}; a strategy's own parameters are set with "
             "--set strategy_options.NAME=VALUE (docs/results.md lists them)")
 
