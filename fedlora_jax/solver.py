@@ -194,8 +194,9 @@ def pad_problem(problem: Problem, size: int) -> Problem:
 
 
 def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> jax.Array:
-    """The configured smooth surrogate of the expected round cost
-    ``overhead_s + E[max(T, min_round_s)]``; padded clients have ``q = 0``."""
+    """The configured smooth surrogate of the expected round cost ``E[wireless.round_cost(T)]``
+    ``= overhead_s + E[max(T, min_round_s)]`` (the rule is affine above the minimum, and the
+    surrogates give ``E[max(T, m)] >= m``); padded clients have ``q = 0``."""
     times = problem.clients.times(rho)
     q = jnp.where(problem.valid, q, 0.0)
     if cfg.surrogate == "normal":
@@ -204,7 +205,7 @@ def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: Sol
     else:
         clients = jnp.maximum(wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters),
                               problem.min_round_s)
-    return clients + problem.overhead_s
+    return wireless.round_cost(clients, problem.overhead_s, problem.min_round_s)
 
 
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
