@@ -228,8 +228,9 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
     the first moves the largest coordinate by 1), halving the move until ``f`` is below the largest
     of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello and Lucidi).
     Stops when no coordinate moves by ``xtol``, when ``max_halvings`` halvings find no acceptable
-    point, or after 5 iterations without a new best. The gradient of the normal surrogate is inexact
-    (docs/method.md): the monotone rule (``memory = 1``) then stops sooner, at as good a point.
+    point, or after 5 iterations without a new best. The normal surrogate is piecewise smooth only
+    (its CDF jumps where one client's demand reaches the band, docs/method.md): the monotone rule
+    (``memory = 1``) stops sooner there, at as good a point.
     Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a trial is
     usually accepted: a small compile, one pass an iteration.
     """
