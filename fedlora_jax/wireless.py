@@ -761,7 +761,7 @@ def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: ja
                   exact: jax.Array) -> jax.Array:
     """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation
     (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips).
-    Differentiable where finite (:func:`_support` takes its implicit-function gradient)."""
+    Differentiable where finite: :func:`_support` differentiates through its root search."""
     parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact)
     log_absent = jnp.sum(_safe_log(1.0 - parts.must_absent))  # -inf when a client with q = 1 must be absent
     log_weight = _safe_log(parts.weight)
