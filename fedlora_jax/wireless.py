@@ -751,22 +751,15 @@ def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float,
     return jnp.prod(1.0 - parts.must_absent) * mixture
 
 
-def _safe_log(x: jax.Array) -> jax.Array:
-    """``log x``, ``-inf`` at ``x <= 0`` with a zero (not NaN) gradient there (the safe-``where`` idiom)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
-
-
 def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
                   exact: jax.Array) -> jax.Array:
     """``log(F / (1 - F))`` of :func:`round_time_cdf_normal`, both tails without cancellation
-    (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips).
-    Differentiable where finite: :func:`_support` differentiates through its root search."""
+    (``log_ndtr`` and log-sum-exp; +-inf where ``F`` is 0 or 1, which the caller clips). Values only."""
     parts = _cdf_parts(times, q, bandwidth_hz, tau, 0, exact)
-    log_absent = jnp.sum(_safe_log(1.0 - parts.must_absent))  # -inf when a client with q = 1 must be absent
-    log_weight = _safe_log(parts.weight)
+    log_absent = jnp.sum(jnp.log1p(-parts.must_absent))  # -inf when a client with q = 1 must be absent
+    log_weight = jnp.log(parts.weight)
     log_f = log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(parts.z))
-    log_1mf = jnp.logaddexp(_safe_log(-jnp.expm1(log_absent)),
+    log_1mf = jnp.logaddexp(jnp.log(-jnp.expm1(log_absent)),
                             log_absent + jax.nn.logsumexp(log_weight + jax.scipy.special.log_ndtr(-parts.z)))
     return log_f - log_1mf
 
@@ -801,15 +794,12 @@ def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
 
     Exact facts bound it: below the smallest floor ``lo`` only the empty round has finished, and
     every round has by the equal-split time of all clients that can take part (``q > 0``). The
-    outer ends of the two brackets are returned, so the range errs on the wide side. Differentiated
-    through the iterations: the quadrature nodes move with the range, so the objective's gradient
-    is that of the value it computes. An end often sits on a jump of ``F`` (where one client's
-    demand reaches the whole band), where the log-odds is flat and an implicit-function gradient
-    would be 0; the iterations track the jump.
+    outer ends of the two brackets are returned, so the range errs on the wide side. No gradient:
+    the integrand is flat outside.
     """
     # q is capped below 1 so that the range also holds the rounds a client at q = 1 would shorten
     # by leaving: where the one-sided derivative in its q lives.
-    q = jnp.minimum(q, _SUPPORT_Q_MAX)
+    times, q = jax.lax.stop_gradient((times, jnp.minimum(q, _SUPPORT_Q_MAX)))
     p0 = jnp.prod(1.0 - q)
     lo = jnp.min(jnp.where(q > 0, times.floor, jnp.inf))
     width = equal_round_time(times, q > 0, bandwidth_hz) - lo
