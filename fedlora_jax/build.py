@@ -195,9 +195,10 @@ def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
                workload: wireless.WorkloadModel, costs: Costs):
     """The simulated wall-clock of a round: ``(mask, k) -> times`` (seconds).
 
-    ``total`` = broadcast of the global adapter (:meth:`Costs.download`) + the clients'
-    compute and upload (:func:`wireless.round_time`, bandwidth allocated as configured) + the
-    server's aggregation work (:attr:`Costs.server_flops`)."""
+    ``total`` = :func:`wireless.round_cost` of the clients' compute and upload
+    (:func:`wireless.round_time`, bandwidth allocated as configured; 0 for an empty round) and the
+    server's side: the broadcast (:meth:`Costs.download`) and the aggregation work
+    (:attr:`Costs.server_flops`), charged to empty rounds too, as the solver charges them."""
     rank, system = cfg.lora.rank, cfg.system
     adaptive = cfg.bandwidth_allocation == "adaptive"
 
@@ -205,8 +206,8 @@ def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
         times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
         download_bits = PARAM_BITS * costs.download(mask, k)
         phases = wireless.server_phases(system, download_bits, costs.server_flops)
-        phases = jax.tree.map(lambda t: jnp.where(mask.any(), t, 0.0), phases)
-        return {**times, **phases, "total": times["total"] + phases["download"] + phases["server"]}
+        total = wireless.round_cost(times["total"], phases["download"] + phases["server"])
+        return {**times, **phases, "total": total}
 
     return jax.jit(clock)
 

@@ -194,8 +194,9 @@ def pad_problem(problem: Problem, size: int) -> Problem:
 
 
 def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> jax.Array:
-    """The configured smooth surrogate of the expected round cost
-    ``overhead_s + E[max(T, min_round_s)]``; padded clients have ``q = 0``."""
+    """The configured smooth surrogate of the expected round cost ``E[wireless.round_cost(T)]``
+    ``= overhead_s + E[max(T, min_round_s)]`` (the rule is affine above the minimum, and the
+    surrogates give ``E[max(T, m)] >= m``); padded clients have ``q = 0``."""
     times = problem.clients.times(rho)
     q = jnp.where(problem.valid, q, 0.0)
     if cfg.surrogate == "normal":
@@ -204,7 +205,7 @@ def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: Sol
     else:
         clients = jnp.maximum(wireless.expected_round_time_demand(times, q, problem.bandwidth_hz, cfg.bisect_iters),
                               problem.min_round_s)
-    return clients + problem.overhead_s
+    return wireless.round_cost(clients, problem.overhead_s, problem.min_round_s)
 
 
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
@@ -227,8 +228,9 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
     the first moves the largest coordinate by 1), halving the move until ``f`` is below the largest
     of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello and Lucidi).
     Stops when no coordinate moves by ``xtol``, when ``max_halvings`` halvings find no acceptable
-    point, or after 5 iterations without a new best. The gradient of the normal surrogate is inexact
-    (docs/method.md): the monotone rule (``memory = 1``) then stops sooner, at as good a point.
+    point, or after 5 iterations without a new best. The normal surrogate is piecewise smooth only
+    (its CDF jumps where one client's demand reaches the band, docs/method.md): the monotone rule
+    (``memory = 1``) stops sooner there, at as good a point.
     Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a trial is
     usually accepted: a small compile, one pass an iteration.
     """

@@ -605,6 +605,19 @@ def server_phases(sys: SystemConfig, download_bits: jax.Array, server_flops: flo
             "server": jnp.asarray(server_flops, jnp.float32) / sys.server_flops_per_s}
 
 
+def round_cost(clients_s: jax.Array, overhead_s: float | jax.Array, min_round_s: float | jax.Array = 0.0
+               ) -> jax.Array:
+    """Seconds one round costs: ``overhead_s + max(T, min_round_s)``, empty rounds included.
+
+    ``clients_s`` is the clients' phase ``T`` (compute and upload, 0 when nobody takes part);
+    ``overhead_s`` the server's side (the broadcast of the global adapter, the aggregation step).
+    Clients sample themselves independently, so the server learns that a round was empty only when
+    it ends: the broadcast has gone out and the round has held its slot. The one rule of the run's
+    clock (:func:`fedlora_jax.build.make_clock`) and of the solver's objective.
+    """
+    return overhead_s + jnp.maximum(clients_s, min_round_s)
+
+
 # ----------------------------------------------------------------------------- expected round time
 
 def sample_masks(key: jax.Array, q: jax.Array, num_draws: int) -> jax.Array:
@@ -822,8 +835,11 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     ``int_a^b (1 - F) = (c - a) - int_a^c F + int_c^b (1 - F)``, each piece by Gauss-Legendre on
     ``num_points`` nodes (the inverse rate law read from its table). ``c`` carries exact
     (implicit-function) gradients, so ``E[T]`` and its gradient are exact at ``q = 1``. Clients
-    with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`).
+    with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`); if nobody can, every
+    round is empty and lasts ``m``.
     """
+    anyone = jnp.any(q > 0)
+    q = jnp.where(anyone, q, 1.0)  # safe where: the value below is then finite, and unused
     exact = _exact_clients(times, q, exact_demands)
     a, b = _support(times, q, bandwidth_hz, tail, iters, exact)
     m = jnp.asarray(min_round_s, a.dtype)
@@ -841,4 +857,4 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
         return acc + weight * (jnp.where(up, 1.0, 0.0) - cdf), None
 
     integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, above))
-    return m + (1.0 - jnp.prod(1.0 - q)) * (lo - m) + (c - lo) + integral
+    return jnp.where(anyone, m + (1.0 - jnp.prod(1.0 - q)) * (lo - m) + (c - lo) + integral, m)
