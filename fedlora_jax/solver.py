@@ -1,4 +1,4 @@
-"""Joint sampling probabilities and sketch ratios (paper.md section 5).
+"""Joint sampling probabilities and sketch ratios (docs/method.md, 'Solver').
 
     min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[C](q, rho)
 

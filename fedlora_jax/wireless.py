@@ -1,4 +1,4 @@
-"""Wall-clock model of heterogeneous wireless clients (paper.md section 4).
+"""Wall-clock model of heterogeneous wireless clients (docs/method.md, 'Time model').
 
 A round's participant ``n`` computes for ``t_cmp_n`` seconds, then uploads ``s_n`` bits over
 ``b_n`` Hz of the system bandwidth at the Shannon rate ``R_n(b) = b log2(1 + c_n / b)``, where
@@ -45,7 +45,7 @@ LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class SystemConfig:
-    """The cell and its clients' hardware (defaults from paper.md section 4).
+    """The cell and its clients' hardware (the model of docs/method.md, 'Time model').
 
     Attributes:
       bandwidth_hz: total uplink bandwidth ``Bw`` shared by a round's participants.
@@ -667,7 +667,8 @@ def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: f
                                iters: int = 60) -> jax.Array:
     """The naive surrogate: ``T`` with expected demand ``sum_n q_n b_n(T) = Bw``.
 
-    Flawed (paper.md section 4): never below the largest floor however small that client's ``q``.
+    Flawed (docs/method.md, 'Expected round time'): never below the largest floor however small
+    that client's ``q``.
     Kept as the reference the closed form of :mod:`fedlora_jax.solver` is derived for.
     """
     # A client with bits and SNR-bandwidth both scaled by q has the same floor and needs q b_n(T).
@@ -733,7 +734,8 @@ def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.A
 def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
                           newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS,
                           exact: jax.Array | None = None) -> jax.Array:
-    """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
+    """Normal approximation of ``P(T <= tau)`` under independent sampling
+    (docs/method.md, 'Expected round time').
 
     ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. The ``exact_demands`` slowest clients
     (``exact``: their indices, default :func:`_exact_clients`) are summed exactly (a mixture over
