@@ -1,4 +1,4 @@
-"""The federated round as array programs (architecture.md, "One round, as data").
+"""The federated round as array programs (docs/architecture.md, "One round, as data").
 
 ``key -> sampling mask (N) -> participant ids -> fixed-size chunks (C) -> sketch masks (C x r)
 -> local training (vmap over C) -> weighted sum of deltas (a_n I_n / q_n) -> server optimizer``.

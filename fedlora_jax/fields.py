@@ -32,12 +32,18 @@ def require(ok: bool, field: str, value: Any, rule: str, fix: str = "") -> None:
         raise ValueError(f"{field} must {rule}, got {value!r}" + (f": {fix}." if fix else "."))
 
 
-def closest(name: str, options, where: str = "") -> str:
-    """`` Did you mean 'where.option'?`` for the option nearest ``name``, else the valid ones."""
+def closest(name: str, options, where: str = "", listing: str = "") -> str:
+    """`` Did you mean 'where.option'?`` for the option nearest ``name``, else the valid ones.
+
+    With ``listing`` (``"strategies"``), the valid ones are named in every case, in their order:
+    `` Did you mean 'fedit'? Valid strategies: fixed, fedit, ...``.
+    """
     prefix = f"{where}." if where else ""
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return (f" Did you mean {prefix + match[0]!r}?" if match else
-            f" Valid keys: {sorted(prefix + o for o in options)}.")
+    hint = f" Did you mean {prefix + match[0]!r}?" if match else ""
+    if listing:
+        return f"{hint} Valid {listing}: {', '.join(prefix + o for o in options)}."
+    return hint or f" Valid keys: {sorted(prefix + o for o in options)}."
 
 
 def coerce(value: Any, hint, where: str):

@@ -1,10 +1,11 @@
 """LoRA adapters on Flax NNX linear layers, with PEFT's scaling and a per-layer sketch mask.
 
-A wrapped layer computes ``y = x W0 + c * ((x A) * s) B`` (paper.md section 1) where ``W0`` is the
-frozen base kernel, ``A: d_in x r`` (random init), ``B: r x d_out`` (zero init), ``c`` the LoRA
-scaling (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA) and ``s`` the client's rank mask
-(:class:`SketchMask`, all ones for the global model). Because ``s`` multiplies the rank axis, autodiff
-gives exactly zero gradient to the rank components a client does not hold.
+A wrapped layer computes ``y = x W0 + c * ((x A) * s) B`` (docs/architecture.md, "Modules and where
+each formula lives") where ``W0`` is the frozen base kernel, ``A: d_in x r`` (random init),
+``B: r x d_out`` (zero init), ``c`` the LoRA scaling (``alpha / r``, or ``alpha / sqrt(r)`` for
+rsLoRA) and ``s`` the client's rank mask (:class:`SketchMask`, all ones for the global model).
+Because ``s`` multiplies the rank axis, autodiff gives exactly zero gradient to the rank components
+a client does not hold.
 
 Variables are typed so that ``nnx.split`` and ``nnx.filter_state`` separate what the federation
 treats differently, whatever the modules are named: :class:`LoRAA`, :class:`LoRAB` and

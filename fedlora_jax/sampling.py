@@ -1,4 +1,5 @@
-"""Client sampling schemes and their unbiased aggregation weights (paper.md section 2).
+"""Client sampling schemes and their unbiased aggregation weights (docs/method.md, 'Aggregation
+rules').
 
 Every scheme returns a participation mask ``I`` (N,) and is described by each client's inclusion
 probability ``q_n = P(I_n = 1)``; weighting a participant's update by ``a_n / q_n`` makes the

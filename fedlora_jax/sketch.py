@@ -1,5 +1,5 @@
-"""Per-client sketch masks (paper.md section 1); the payload they imply is accounted in
-:mod:`fedlora_jax.aggregation` (``Costs.upload``).
+"""Per-client sketch masks (docs/architecture.md, "Modules and where each formula lives"); the
+payload they imply is accounted in :mod:`fedlora_jax.aggregation` (``Costs.upload``).
 
 Client ``n`` keeps ``k_n`` of the ``r`` rank components of every adapted layer, chosen uniformly
 without replacement; its mask is ``s = (r / k_n) 1_I`` so that ``E[diag(s)] = I``. ``B`` and ``A`` of

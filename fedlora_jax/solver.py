@@ -1,4 +1,4 @@
-"""Joint sampling probabilities and sketch ratios (paper.md section 5).
+"""Joint sampling probabilities and sketch ratios (docs/method.md, 'Solver').
 
     min_{q in [q_min, 1]^N, rho in [1/r, 1]^N}  J(q, rho) = (alpha V(q, rho) + beta) * E[C](q, rho)
 
@@ -32,6 +32,7 @@ import numpy as np
 from flax import struct
 
 from fedlora_jax import theory, wireless
+from fedlora_jax.fields import require
 
 SURROGATES = ("normal", "demand")
 
@@ -75,23 +76,19 @@ class SolverConfig:
     seed: int = 0
 
     def __post_init__(self):
-        wireless._require(isinstance(self.rank, int) and self.rank >= 1, "SolverConfig.rank", self.rank,
-                          "give the run's LoRA rank, an int >= 1")
-        rho = self.fixed_ratio
-        checks = [
-            (0 < self.q_min <= 1, "q_min", self.q_min, "give a probability in (0, 1], e.g. 0.05"),
-            (0 < self.baseline_q <= 1, "baseline_q", self.baseline_q, "give a probability in (0, 1]"),
-            (1 / self.rank <= rho <= 1 and float(rho * self.rank).is_integer(),
-             "baseline_rho", self.baseline_rho, f"give k / {self.rank} for an integer 1 <= k <= {self.rank}"),
-            (self.restarts >= 0, "restarts", self.restarts, "give a count >= 0"),
-            (self.max_iters >= 1, "max_iters", self.max_iters, "give a count >= 1"),
-            (self.surrogate in SURROGATES, "surrogate", self.surrogate, f"choose one of {SURROGATES}"),
-            (self.quad_points >= 3, "quad_points", self.quad_points, "give at least 3 nodes"),
-            (self.support_iters >= 4, "support_iters", self.support_iters, "give at least 4"),
-            (self.bisect_iters >= 10, "bisect_iters", self.bisect_iters, "give at least 10"),
-        ]
-        for ok, field, value, fix in checks:
-            wireless._require(ok, f"SolverConfig.{field}", value, fix)
+        require(isinstance(self.rank, int) and self.rank >= 1, "SolverConfig.rank", self.rank,
+                "be an int >= 1", "give the run's LoRA rank")
+        rho, r = self.fixed_ratio, self.rank
+        require(0 < self.q_min <= 1, "SolverConfig.q_min", self.q_min, "be a probability in (0, 1]", "e.g. 0.05")
+        require(0 < self.baseline_q <= 1, "SolverConfig.baseline_q", self.baseline_q, "be a probability in (0, 1]")
+        require(1 / r <= rho <= 1 and float(rho * r).is_integer(), "SolverConfig.baseline_rho", self.baseline_rho,
+                f"be k / {r} for an integer 1 <= k <= {r}")
+        require(self.restarts >= 0, "SolverConfig.restarts", self.restarts, "be a count >= 0")
+        require(self.max_iters >= 1, "SolverConfig.max_iters", self.max_iters, "be a count >= 1")
+        require(self.surrogate in SURROGATES, "SolverConfig.surrogate", self.surrogate, f"be one of {SURROGATES}")
+        require(self.quad_points >= 3, "SolverConfig.quad_points", self.quad_points, "be at least 3 (nodes)")
+        require(self.support_iters >= 4, "SolverConfig.support_iters", self.support_iters, "be at least 4")
+        require(self.bisect_iters >= 10, "SolverConfig.bisect_iters", self.bisect_iters, "be at least 10")
 
     @property
     def fixed_ratio(self) -> float:
@@ -149,16 +146,16 @@ def make_problem_from_arrays(clients: wireless.ClientArrays, bandwidth_hz: float
     n = np.shape(clients.snr_bw)[0]
     for name, x in (("G2", g2), ("a", a)):
         x = np.asarray(x)
-        wireless._require(x.shape == (n,), f"{name}.shape", x.shape, f"give one value per client ({n})")
-        wireless._require(np.isfinite(x) & (x >= 0), name, f"min {x.min()}", "values must be finite and >= 0")
-    for name, x, fix in (("alpha", alpha, "give alpha > 0 (theory.fit_alpha_beta)"),
-                         ("beta", beta, "give beta > 0 (theory.fit_alpha_beta)"),
+        require(x.shape == (n,), f"{name}.shape", x.shape, f"be ({n},), one value per client")
+        require(np.isfinite(x) & (x >= 0), name, f"min {x.min()}", "be finite and >= 0 at every client")
+    for name, x, fix in (("alpha", alpha, "fit it with theory.fit_alpha_beta"),
+                         ("beta", beta, "fit it with theory.fit_alpha_beta"),
                          ("bandwidth_hz", bandwidth_hz, "give the total bandwidth in Hz, e.g. 10e6")):
-        wireless._require(np.isfinite(x) and x > 0, name, x, fix)
+        require(np.isfinite(x) and x > 0, name, x, "be finite and > 0", fix)
     for name, x in (("overhead_s", overhead_s), ("min_round_s", min_round_s)):
-        wireless._require(np.isfinite(x) and x >= 0, name, x, "give seconds >= 0")
-    wireless._require(jnp.zeros((), dtype).dtype == jnp.dtype(dtype), "dtype", jnp.dtype(dtype).name,
-                      "float64 needs x64: wrap the call in `with jax.enable_x64(True):`")
+        require(np.isfinite(x) and x >= 0, name, x, "be finite seconds >= 0")
+    require(jnp.zeros((), dtype).dtype == jnp.dtype(dtype), "dtype", jnp.dtype(dtype).name,
+            "be a dtype jax has enabled", "float64 needs x64: wrap the call in `with jax.enable_x64(True):`")
     cast = lambda x: jnp.asarray(x, dtype)
     return Problem(clients=jax.tree.map(cast, clients), g2=cast(g2), a=cast(a), valid=jnp.ones(n, bool),
                    alpha=cast(alpha), beta=cast(beta), bandwidth_hz=cast(bandwidth_hz),
@@ -186,7 +183,7 @@ def pad_problem(problem: Problem, size: int) -> Problem:
     """``problem`` with its clients padded to ``size``: copies of client 0 that never take part
     (``valid`` False, ``a = G^2 = 0``), so the objective is unchanged."""
     pad = size - problem.num_clients
-    wireless._require(pad >= 0, "pad_problem.size", size, f"give at least the {problem.num_clients} clients")
+    require(pad >= 0, "pad_problem.size", size, f"be at least the {problem.num_clients} clients")
     edge = lambda x: jnp.concatenate([x, jnp.repeat(x[..., :1], pad, axis=-1)], axis=-1)
     zeros = lambda x: jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (pad,), x.dtype)], axis=-1)
     return problem.replace(clients=jax.tree.map(edge, problem.clients), g2=zeros(problem.g2),
@@ -427,7 +424,7 @@ def sampling_only_demand(problem: Problem, rho: jax.Array, cfg: SolverConfig, nu
         b = wireless.bandwidth_for_slack(times, tau - times.floor)
         q_of = lambda log_mu: jnp.clip(jnp.sqrt(w / (jnp.exp(log_mu) * b)), cfg.q_min, 1.0)
         excess = lambda log_mu: jnp.log(jnp.sum(q_of(log_mu) * b)) - jnp.log(bw)
-        log_mu = wireless._bisect_decreasing(excess, jnp.asarray(-200.0), jnp.asarray(200.0), 200)
+        log_mu = wireless.bisect_decreasing(excess, jnp.asarray(-200.0), jnp.asarray(200.0), 200)
         q = q_of(log_mu)
         feasible = jnp.sum(cfg.q_min * b) <= bw
         j = theory.predicted_rounds(q, rho, problem.g2, problem.a, problem.alpha, problem.beta) * tau

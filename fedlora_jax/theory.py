@@ -1,4 +1,4 @@
-"""Convergence-bound model (paper.md section 3): rounds to accuracy and its online estimators.
+"""Convergence-bound model (docs/method.md, 'Bound'): rounds to accuracy and its online estimators.
 
 Independent sampling ``I_n ~ Bernoulli(q_n)`` and sketching with ratio ``rho_n`` inflate the second
 moment of the aggregated update by

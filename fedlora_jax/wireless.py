@@ -1,4 +1,4 @@
-"""Wall-clock model of heterogeneous wireless clients (paper.md section 4).
+"""Wall-clock model of heterogeneous wireless clients (docs/method.md, 'Time model').
 
 A round's participant ``n`` computes for ``t_cmp_n`` seconds, then uploads ``s_n`` bits over
 ``b_n`` Hz of the system bandwidth at the Shannon rate ``R_n(b) = b log2(1 + c_n / b)``, where
@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fedlora_jax.fields import require
+
 LN2 = math.log(2.0)
 
 
@@ -43,7 +45,7 @@ LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class SystemConfig:
-    """The cell and its clients' hardware (defaults from paper.md section 4).
+    """The cell and its clients' hardware (the model of docs/method.md, 'Time model').
 
     Attributes:
       bandwidth_hz: total uplink bandwidth ``Bw`` shared by a round's participants.
@@ -72,20 +74,20 @@ class SystemConfig:
     server_flops_per_s: float = 1e13
 
     def __post_init__(self):
-        _require(self.bandwidth_hz > 0, "bandwidth_hz", self.bandwidth_hz,
-                 "give the total bandwidth in Hz, e.g. 10e6 (10 MHz)")
+        require(self.bandwidth_hz > 0, "bandwidth_hz", self.bandwidth_hz, "be > 0",
+                "give the total bandwidth in Hz, e.g. 10e6 (10 MHz)")
         lo, hi = self.power_w
-        _require(0 < lo <= hi, "power_w", self.power_w, "give (low, high) watts with 0 < low <= high")
-        _require(0 < self.min_distance_m < self.cell_radius_m, "min_distance_m / cell_radius_m",
-                 (self.min_distance_m, self.cell_radius_m), "need 0 < min_distance_m < cell_radius_m")
-        _require(self.flops_median > 0, "flops_median", self.flops_median, "give FLOP/s > 0")
-        _require(self.flops_log_sigma >= 0, "flops_log_sigma", self.flops_log_sigma, "give a value >= 0")
-        _require(math.isfinite(self.noise_dbm_per_hz), "noise_dbm_per_hz", self.noise_dbm_per_hz,
-                 "give a finite dBm/Hz, e.g. -174")
-        _require(self.downlink_bps > 0, "downlink_bps", self.downlink_bps,
-                 "give the broadcast rate in bit/s, e.g. 100e6")
-        _require(self.server_flops_per_s > 0, "server_flops_per_s", self.server_flops_per_s,
-                 "give FLOP/s > 0, e.g. 1e13")
+        require(0 < lo <= hi, "power_w", self.power_w, "be (low, high) watts with 0 < low <= high")
+        require(0 < self.min_distance_m < self.cell_radius_m, "(min_distance_m, cell_radius_m)",
+                (self.min_distance_m, self.cell_radius_m), "satisfy 0 < min_distance_m < cell_radius_m")
+        require(self.flops_median > 0, "flops_median", self.flops_median, "be > 0 FLOP/s")
+        require(self.flops_log_sigma >= 0, "flops_log_sigma", self.flops_log_sigma, "be >= 0")
+        require(math.isfinite(self.noise_dbm_per_hz), "noise_dbm_per_hz", self.noise_dbm_per_hz,
+                "be a finite dBm/Hz", "e.g. -174")
+        require(self.downlink_bps > 0, "downlink_bps", self.downlink_bps, "be > 0",
+                "give the broadcast rate in bit/s, e.g. 100e6")
+        require(self.server_flops_per_s > 0, "server_flops_per_s", self.server_flops_per_s,
+                "be > 0 FLOP/s", "e.g. 1e13")
 
     @property
     def noise_w_per_hz(self) -> float:
@@ -123,10 +125,10 @@ class WorkloadModel:
 
     def __post_init__(self):
         for name in ("base_flops_per_step", "lora_flops_per_step_full_rank", "payload_bits_full_rank"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "give a count >= 0")
-        _require(self.payload_bits_full_rank > 0, "payload_bits_full_rank", self.payload_bits_full_rank,
-                 "the adapter upload must be > 0 bits")
-        _require(self.local_steps >= 1, "local_steps", self.local_steps, "give at least one local step")
+            require(getattr(self, name) >= 0, name, getattr(self, name), "be a count >= 0")
+        require(self.payload_bits_full_rank > 0, "payload_bits_full_rank", self.payload_bits_full_rank,
+                "be > 0 (the bits of the adapter upload)")
+        require(self.local_steps >= 1, "local_steps", self.local_steps, "be at least 1")
 
 
 def workload_from_counts(base_params: float, lora_params_full_rank: float, tokens_per_step: float,
@@ -166,11 +168,6 @@ class ClientTimes:
 
 # ----------------------------------------------------------------------------- validation
 
-def _require(ok, field: str, value, fix: str) -> None:
-    if not bool(np.all(ok)):
-        raise ValueError(f"{field} = {value!r} is invalid: {fix}.")
-
-
 def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
@@ -182,19 +179,19 @@ def validate_profile(profile: SystemProfile) -> None:
     n = profile.num_clients
     for name in ("flops_per_s", "power_w", "gain"):
         x = np.asarray(getattr(profile, name))
-        _require(x.shape == (n,), f"SystemProfile.{name}.shape", x.shape, f"give one value per client ({n})")
+        require(x.shape == (n,), f"SystemProfile.{name}.shape", x.shape, f"be ({n},), one value per client")
         bad = ~np.isfinite(x)
-        _require(~bad, f"SystemProfile.{name}", f"NaN/inf at clients {np.flatnonzero(bad)[:5].tolist()}",
-                 "fill in or drop the missing clients")
-        _require(x > 0, f"SystemProfile.{name}", f"non-positive at clients {np.flatnonzero(x <= 0)[:5].tolist()}",
-                 "every client needs a value > 0")
+        require(~bad, f"SystemProfile.{name}", f"NaN/inf at clients {np.flatnonzero(bad)[:5].tolist()}",
+                "be finite at every client", "fill in or drop the missing clients")
+        require(x > 0, f"SystemProfile.{name}", f"non-positive at clients {np.flatnonzero(x <= 0)[:5].tolist()}",
+                "be > 0 at every client")
 
 
 def _validate_rho(rho) -> None:
     if _is_concrete(rho):
         r = np.asarray(rho)
-        _require(np.isfinite(r) & (r > 0) & (r <= 1), "rho", f"range [{r.min()}, {r.max()}]",
-                 "sketch ratios must lie in (0, 1]")
+        require(np.isfinite(r) & (r > 0) & (r <= 1), "rho", f"range [{r.min()}, {r.max()}]",
+                "lie in (0, 1] (a sketch ratio k / r)")
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -292,24 +289,25 @@ def load_trace(path: str | Path, num_clients: int | None = None, *, noise_dbm_pe
         return next((cols[a] for a in _TRACE_ALIASES.get(name, (name,)) if a in cols), None)
 
     speed = column("flops_per_s")
-    _require(speed is not None, "flops_per_s", sorted(cols), "add a flops_per_s (or compute_speed) column")
+    require(speed is not None, f"the columns of {path.name}", sorted(cols),
+            "include flops_per_s (or compute_speed)")
     n = len(speed)
     if num_clients is not None:
-        _require(n == num_clients, "num_clients", num_clients,
-                 f"the trace {path.name} has {n} clients: pass num_clients={n} or a trace with {num_clients}")
+        require(n == num_clients, "num_clients", num_clients, f"match the {n} clients of the trace {path.name}",
+                f"pass num_clients={n} or a trace with {num_clients}")
     for name, x in cols.items():
         bad = np.flatnonzero(~np.isfinite(x))
-        _require(bad.size == 0, f"trace column {name}", f"NaN at rows {bad[:5].tolist()}",
-                 "fill in or drop those clients")
+        require(bad.size == 0, f"trace column {name}", f"NaN at rows {bad[:5].tolist()}",
+                "hold a number in every row", "fill in or drop those clients")
     if "power_w" in cols and "gain" in cols:
         power, gain = cols["power_w"], cols["gain"]
     else:
         rate = column("rate_bps")
         if rate is None and (kbps := column("rate_kbps")) is not None:
             rate = 1e3 * kbps
-        _require(rate is not None, "rate_bps", sorted(cols),
-                 "add power_w and gain columns, or a measured link rate (rate_bps / rate_kbps)")
-        _require(rate > 0, "rate_bps", f"min {rate.min()}", "measured rates must be > 0")
+        require(rate is not None, f"the columns of {path.name}", sorted(cols),
+                "include power_w and gain, or a measured link rate (rate_bps / rate_kbps)")
+        require(rate > 0, "rate_bps", f"min {rate.min()}", "be > 0 at every client (a measured link rate)")
         noise = 10.0 ** ((noise_dbm_per_hz - 30.0) / 10.0)
         b0 = reference_bandwidth_hz
         power = np.full(n, power_w)
@@ -360,17 +358,17 @@ def validate_client_arrays(clients: ClientArrays) -> None:
     if not _is_concrete(clients):
         return
     n = np.shape(clients.snr_bw)[0] if np.ndim(clients.snr_bw) == 1 else None
-    _require(n is not None, "ClientArrays.snr_bw.shape", np.shape(clients.snr_bw), "give one value per client")
+    require(n is not None, "ClientArrays.snr_bw.shape", np.shape(clients.snr_bw), "be (N,), one value per client")
     for field in dataclasses.fields(clients):
         x = np.asarray(getattr(clients, field.name))
-        _require(x.shape == (n,), f"ClientArrays.{field.name}.shape", x.shape, f"give one value per client ({n})")
-        _require(np.isfinite(x) & (x >= 0), f"ClientArrays.{field.name}",
-                 f"NaN/inf/negative at clients {np.flatnonzero(~(np.isfinite(x) & (x >= 0)))[:5].tolist()}",
-                 "give finite values >= 0")
-    _require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients",
-             "every client needs p h / N0 > 0")
-    _require(np.asarray(clients.bits + clients.bits_per_rho) > 0, "ClientArrays.bits + bits_per_rho",
-             "zero at some clients", "every client uploads > 0 bits at rho = 1")
+        require(x.shape == (n,), f"ClientArrays.{field.name}.shape", x.shape, f"be ({n},), one value per client")
+        require(np.isfinite(x) & (x >= 0), f"ClientArrays.{field.name}",
+                f"NaN/inf/negative at clients {np.flatnonzero(~(np.isfinite(x) & (x >= 0)))[:5].tolist()}",
+                "be finite and >= 0 at every client")
+    require(np.asarray(clients.snr_bw) > 0, "ClientArrays.snr_bw", "zero at some clients",
+            "be > 0 at every client (p h / N0)")
+    require(np.asarray(clients.bits + clients.bits_per_rho) > 0, "ClientArrays.bits + bits_per_rho",
+            "zero at some clients", "be > 0 at every client (the bits uploaded at rho = 1)")
 
 
 def client_arrays(profile: SystemProfile, sys: SystemConfig, workload: WorkloadModel) -> ClientArrays:
@@ -504,8 +502,8 @@ def bandwidth_for_slack(times: ClientTimes, slack: jax.Array, newton_steps: int 
 
 # ----------------------------------------------------------------------------- bandwidth allocation
 
-def _bisect_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
-                       iters: int) -> jax.Array:
+def bisect_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
+                      iters: int) -> jax.Array:
     """Root of a decreasing scalar ``fn`` on ``[lo, hi]`` (``fn(lo) >= 0 >= fn(hi)``)."""
     def body(_, bounds):
         lo, hi = bounds
@@ -555,7 +553,7 @@ def adaptive_round_time(times: ClientTimes, mask: jax.Array, bandwidth_hz: float
         demand = jnp.where(mask, bandwidth_for_slack(times, jnp.exp(log_delta) + gap), 0.0).sum()
         return jnp.log(demand) - jnp.log(bw)
 
-    log_delta = _implicit_root(excess_demand, _bisect_decreasing(excess_demand, lo, hi, iters))
+    log_delta = _implicit_root(excess_demand, bisect_decreasing(excess_demand, lo, hi, iters))
     return jnp.where(any_, top + jnp.exp(log_delta), 0.0)
 
 
@@ -655,7 +653,8 @@ def expected_round_time_exact(times: ClientTimes, q: jax.Array, bandwidth_hz: fl
     ``dE[T]/dq_n = E[T | n in] - E[T | n out]`` exactly, at the bounds too.
     """
     n = q.shape[0]
-    _require(n <= 16, "num_clients", n, "enumerate at most 16 clients; use expected_round_time_mc above")
+    require(n <= 16, "num_clients", n, "be at most 16 to enumerate every participant set",
+            "use expected_round_time_mc above")
     masks = (jnp.arange(2 ** n)[:, None] >> jnp.arange(n)) & 1 == 1
     one = (lambda m: adaptive_round_time(times, m, bandwidth_hz)) if adaptive else (
         lambda m: equal_round_time(times, m, bandwidth_hz))
@@ -668,7 +667,8 @@ def expected_round_time_demand(times: ClientTimes, q: jax.Array, bandwidth_hz: f
                                iters: int = 60) -> jax.Array:
     """The naive surrogate: ``T`` with expected demand ``sum_n q_n b_n(T) = Bw``.
 
-    Flawed (paper.md section 4): never below the largest floor however small that client's ``q``.
+    Flawed (docs/method.md, 'Expected round time'): never below the largest floor however small
+    that client's ``q``.
     Kept as the reference the closed form of :mod:`fedlora_jax.solver` is derived for.
     """
     # A client with bits and SNR-bandwidth both scaled by q has the same floor and needs q b_n(T).
@@ -734,7 +734,8 @@ def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.A
 def round_time_cdf_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
                           newton_steps: int = 1, exact_demands: int = EXACT_DEMANDS,
                           exact: jax.Array | None = None) -> jax.Array:
-    """Normal approximation of ``P(T <= tau)`` under independent sampling (paper.md section 4).
+    """Normal approximation of ``P(T <= tau)`` under independent sampling
+    (docs/method.md, 'Expected round time').
 
     ``T(P) <= tau`` iff ``sum_{n in P} b_n(tau) <= Bw``. The ``exact_demands`` slowest clients
     (``exact``: their indices, default :func:`_exact_clients`) are summed exactly (a mixture over

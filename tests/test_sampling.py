@@ -1,4 +1,5 @@
-"""Sampling schemes and the unbiased, sketched aggregate (paper.md section 2), by Monte Carlo."""
+"""Sampling schemes and the unbiased, sketched aggregate (docs/method.md, 'Aggregation rules'),
+by Monte Carlo."""
 
 import jax
 import jax.numpy as jnp

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import subprocess
 import sys
 from pathlib import Path
+
+from fedlora_jax.fields import closest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -64,9 +65,7 @@ def main(args: argparse.Namespace) -> int:
     names = list(found) if args.names == ["all"] else args.names
     for name in names:
         if name not in found:
-            close = difflib.get_close_matches(name, list(found), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown benchmark {name!r}.{hint} Available: {', '.join(found)}.")
+            raise ValueError(f"Unknown benchmark {name!r}.{closest(name, found, listing='benchmarks')}")
     if args.json:
         args.json.mkdir(parents=True, exist_ok=True)
     for name in names:

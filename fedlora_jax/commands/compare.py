@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedlora_jax import stats
+from fedlora_jax.commands.run import CONFIG_SHORTCUTS, add_config_options
 from fedlora_jax.fields import require
 
 EXAMPLE = textwrap.dedent("""\
@@ -53,9 +54,6 @@ EXAMPLE = textwrap.dedent("""\
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)  # test accuracy is reported at these parts of the budget
-SHORTCUTS = {"model": "model.source", "data": "data.source", "rounds": "federation.rounds",
-             "clients": "data.num_clients"}
-
 Runs = dict[str, dict[int, list[dict]]]  # strategy -> seed -> metrics rows
 
 
@@ -83,14 +81,7 @@ def register(subparsers) -> None:
                     "settings on paired seeds (test split) and reports time to target and "
                     "accuracy at fixed budgets with bootstrap confidence intervals.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="named settings (see 'fedlora-jax run --help')")
-    p.add_argument("--config", help="TOML, YAML or JSON file of settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting of every run (repeatable)")
-    p.add_argument("--model", help="'minilm' (default), 'tiny', or a local Hugging Face directory")
-    p.add_argument("--data", help="'builtin' (default), 'synthetic', or a data file")
-    p.add_argument("--rounds", type=int, help="communication rounds per run")
-    p.add_argument("--clients", type=int, help="number of clients")
+    add_config_options(p, " of every run")
     p.add_argument("--output-dir", default="runs/compare", help="default runs/compare")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                    help=f"comma-separated strategy names (default {DEFAULT_STRATEGIES})")
@@ -339,7 +330,7 @@ def plan_protocol(args) -> Protocol:
             f"both hold {both}; e.g. --tune-seeds 1000,1001")
     require(args.budget is None or args.budget > 0, "--budget", args.budget,
             "be a positive number of seconds")
-    base = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items()
+    base = [f"{key}={getattr(args, name)}" for name, key in CONFIG_SHORTCUTS.items()
             if getattr(args, name) is not None]
     base = ["eval_every=1", *base, *args.overrides,
             f"data.validation_fraction={args.validation_fraction}"]

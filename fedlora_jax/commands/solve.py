@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import solver, wireless
+from fedlora_jax.fields import require
 from fedlora_jax.metrics import plot_allocation
 
 EPILOG = """example:
@@ -52,13 +53,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Every input is checked before any compilation.
-    wireless._require(args.bandwidth_mhz > 0, "--bandwidth-mhz", args.bandwidth_mhz, "give MHz > 0, e.g. 10")
+    require(args.bandwidth_mhz > 0, "--bandwidth-mhz", args.bandwidth_mhz, "be > 0 MHz", "e.g. 10")
     sys_cfg = wireless.SystemConfig(bandwidth_hz=args.bandwidth_mhz * 1e6)
     cfg = solver.SolverConfig(q_min=args.q_min, rank=args.rank, surrogate=args.surrogate, seed=args.seed)
     for name, value in (("--base-params", args.base_params), ("--lora-params", args.lora_params),
                         ("--tokens-per-step", args.tokens_per_step)):
-        wireless._require(value > 0, name, value, "give a count > 0")
-    wireless._require(args.local_steps >= 1, "--local-steps", args.local_steps, "give at least 1 local step")
+        require(value > 0, name, value, "be a count > 0")
+    require(args.local_steps >= 1, "--local-steps", args.local_steps, "be at least 1")
     workload = wireless.workload_from_counts(args.base_params, args.lora_params, args.tokens_per_step,
                                              args.local_steps)
     overhead = (workload.payload_bits_full_rank / sys_cfg.downlink_bps if args.round_overhead_s is None
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None:
         profile = wireless.load_trace(args.profile)
     else:
-        wireless._require(args.clients >= 1, "--clients", args.clients, "give at least 1 client")
+        require(args.clients >= 1, "--clients", args.clients, "be at least 1")
         profile = wireless.generate_profile(jax.random.key(args.seed), args.clients, sys_cfg)
     n = profile.num_clients
     alpha = float(n) if args.alpha is None else args.alpha

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import difflib
 import itertools
 import json
 import textwrap
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+from fedlora_jax.fields import closest
 
 EXAMPLE = textwrap.dedent("""\
     examples:
@@ -77,9 +78,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         if not sep or not values.strip():
             raise ValueError(f"--grid {item!r} must look like KEY=V1,V2,...")
         if key not in AXES:
-            close = difflib.get_close_matches(key, list(AXES), n=1, cutoff=0.4)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown grid key {key!r}.{hint} Valid keys: {', '.join(AXES)}.")
+            raise ValueError(f"Unknown grid key {key!r}.{closest(key, AXES, listing='keys')}")
         if key in grid:
             raise ValueError(f"Grid key {key!r} is given twice.")
         try:

@@ -7,7 +7,6 @@ run's strategy pins and rejects those that contradict it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 
 from fedlora_jax.fields import closest, coerce, require
@@ -42,10 +41,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 def get_strategy(name: str) -> Strategy:
     """The registered strategy ``name``; an unknown name lists the valid ones."""
     if name not in STRATEGIES:
-        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown strategy {name!r}.{hint} Valid strategies: "
-                         f"{', '.join(STRATEGIES)}.")
+        raise ValueError(f"Unknown strategy {name!r}.{closest(name, STRATEGIES, listing='strategies')}")
     return STRATEGIES[name]
 
 
