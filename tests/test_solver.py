@@ -305,10 +305,10 @@ def test_clock_and_solver_charge_a_round_alike():
     cfg, n = load_config(preset="tiny"), 6
     prof, g2, a, alpha, beta = _problem(n, seed=8)
     sizes = aggregation.AdapterSizes(lora_a=600, lora_b=400, head=10, layers=((30, 20),) * 2)
-    agg, k = aggregation.Aggregator(), jnp.full(n, cfg.lora.rank)
-    clock = build.make_clock(cfg, prof, WORK, agg, sizes)
-    server = W.server_phases(cfg.system, build.PARAM_BITS * agg.download_params(k > 0, k, cfg.lora.rank, sizes),
-                             agg.server_flops(sizes))
+    costs, k = aggregation.adapter_costs(sizes, cfg.lora.rank), jnp.full(n, cfg.lora.rank)
+    clock = build.make_clock(cfg, prof, WORK, costs)
+    server = W.server_phases(cfg.system, build.PARAM_BITS * costs.download(k > 0, k),
+                             costs.server_flops)
     overhead = float(server["download"] + server["server"])
     problem = S.make_problem(prof, cfg.system, WORK, g2, a, alpha, beta, overhead_s=overhead)
     assert overhead > 0
