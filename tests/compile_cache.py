@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 DIRECTORY = str(Path(tempfile.gettempdir()) / "fedlora_jax_test_xla_cache")
 ENV = {"JAX_COMPILATION_CACHE_DIR": DIRECTORY,
@@ -22,3 +23,14 @@ def enable() -> None:
     jax.config.update("jax_compilation_cache_dir", DIRECTORY)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()  # re-read the settings above on the next compile
+
+
+def disable() -> None:
+    """Turns the cache off in this process again, so that it stays with the test modules that
+    ask for it (``tests/conftest.py`` calls this after each module). Writing some solver
+    executables to the cache late in a long test process has aborted the process (JAX 0.10.2,
+    CPU), while the same tests pass with the cache off or in a short process."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()

@@ -10,6 +10,15 @@ from fedlora_jax.client import split_model
 from fedlora_jax.data.pool import ClientPool
 from fedlora_jax.lora import LoRAConfig, apply_lora
 from fedlora_jax.models.tiny import TinyConfig, TinyTransformer
+from tests import compile_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache_per_module():
+    """Each test module starts with the persistent compile cache off; modules that want it
+    call :func:`compile_cache.enable`."""
+    yield
+    compile_cache.disable()
 
 
 def tiny_lora_model(rank: int = 4, seed: int = 0, task: str = "classification",
