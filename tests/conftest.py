@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,11 +17,15 @@ from tests import compile_cache
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _compile_cache_per_module():
-    """Each test module starts with the persistent compile cache off; modules that want it
-    call :func:`compile_cache.enable`."""
+def _fresh_jax_per_module():
+    """Each test module starts with the persistent compile cache off (modules that want it call
+    :func:`compile_cache.enable`) and with no compiled programs held over from earlier modules.
+    Every live CPU executable keeps a few memory maps; a whole suite in one process held ~30k of
+    them and late compiles crashed (segfault, JAX 0.10.2) near the kernel's 65530-map limit."""
     yield
     compile_cache.disable()
+    jax.clear_caches()
+    gc.collect()
 
 
 def tiny_lora_model(rank: int = 4, seed: int = 0, task: str = "classification",
