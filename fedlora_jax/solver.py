@@ -50,13 +50,17 @@ class SolverConfig:
         (default: the grid point nearest 1/4).
       restarts: random starts in addition to the 3 baselines and the 8 structured starts ...
       multistart_max_clients: ... descended from up to this many clients; above, only the best of
-        the starts (by objective value) is descended (restarts matter most for few clients, and cost
-        the most for many).
+        the starts (by objective value) is descended, with the ``large_*`` numerics (restarts
+        matter most for few clients, and cost the most for many).
       max_iters: projected-gradient iterations per start (and again for the polish after rounding).
-      xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration.
+      xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration ...
+      ftol: ... or after 5 iterations that lower ``log J`` by less than this.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
       quad_points: Gauss-Legendre nodes per piece of the normal surrogate.
       support_iters: regula falsi steps for the normal surrogate's integration range.
+      large_quad_points, large_support_iters, large_ftol: the same above ``multistart_max_clients``
+        clients, where the round time is a sum over many clients (a smooth, narrow law) and one
+        evaluation costs the most.
       bisect_iters: bisection steps of the demand surrogate's root (float32: 40 is at machine precision).
       seed: PRNG seed of the random starts.
     """
@@ -69,9 +73,13 @@ class SolverConfig:
     multistart_max_clients: int = 500
     max_iters: int = 100
     xtol: float = 1e-4
+    ftol: float = 1e-6
     surrogate: str = "normal"
     quad_points: int = 24
     support_iters: int = 12
+    large_quad_points: int = 8
+    large_support_iters: int = 4
+    large_ftol: float = 1e-4
     bisect_iters: int = 40
     seed: int = 0
 
@@ -86,9 +94,21 @@ class SolverConfig:
         require(self.restarts >= 0, "SolverConfig.restarts", self.restarts, "be a count >= 0")
         require(self.max_iters >= 1, "SolverConfig.max_iters", self.max_iters, "be a count >= 1")
         require(self.surrogate in SURROGATES, "SolverConfig.surrogate", self.surrogate, f"be one of {SURROGATES}")
-        require(self.quad_points >= 3, "SolverConfig.quad_points", self.quad_points, "be at least 3 (nodes)")
-        require(self.support_iters >= 4, "SolverConfig.support_iters", self.support_iters, "be at least 4")
+        for name in ("quad_points", "large_quad_points"):
+            require(getattr(self, name) >= 3, f"SolverConfig.{name}", getattr(self, name), "be at least 3 (nodes)")
+        for name in ("support_iters", "large_support_iters"):
+            require(getattr(self, name) >= 4, f"SolverConfig.{name}", getattr(self, name), "be at least 4")
+        for name in ("xtol", "ftol", "large_ftol"):
+            require(getattr(self, name) >= 0, f"SolverConfig.{name}", getattr(self, name), "be >= 0")
         require(self.bisect_iters >= 10, "SolverConfig.bisect_iters", self.bisect_iters, "be at least 10")
+
+    def for_clients(self, n: int) -> SolverConfig:
+        """The config a solve of ``n`` (padded) clients runs with: the ``large_*`` numerics above
+        ``multistart_max_clients``."""
+        if n <= self.multistart_max_clients:
+            return self
+        return dataclasses.replace(self, quad_points=self.large_quad_points,
+                                   support_iters=self.large_support_iters, ftol=self.large_ftol)
 
     @property
     def fixed_ratio(self) -> float:
@@ -128,7 +148,7 @@ class SolveResult:
     objective: jax.Array            # J(q, rho)
     expected_round_time: jax.Array  # E[T] (surrogate), round cost included
     predicted_rounds: jax.Array     # alpha V + beta
-    baselines: dict                 # name -> (objective, expected_round_time, predicted_rounds)
+    baselines: dict[str, dict[str, jax.Array]]  # name -> its objective_terms (objective, E[T], rounds)
 
 
 def make_problem_from_arrays(clients: wireless.ClientArrays, bandwidth_hz: float, g2: jax.Array, a: jax.Array,
@@ -205,11 +225,16 @@ def expected_round_time(problem: Problem, q: jax.Array, rho: jax.Array, cfg: Sol
     return wireless.round_cost(clients, problem.overhead_s, problem.min_round_s)
 
 
+def predicted_rounds(problem: Problem, q: jax.Array, rho: jax.Array) -> jax.Array:
+    """The rounds ``alpha V + beta`` of :mod:`fedlora_jax.theory` at ``(q, rho)`` (padding masked)."""
+    keep = lambda x: jnp.where(problem.valid, x, 1.0)  # padding: a = G^2 = 0, and no 1/0
+    return theory.predicted_rounds(keep(q), keep(rho), problem.g2, problem.a, problem.alpha, problem.beta,
+                                   law=problem.law)
+
+
 def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverConfig) -> dict[str, jax.Array]:
     """``J``, ``E[T]`` and the rounds ``alpha V + beta`` at ``(q, rho)``."""
-    keep = lambda x: jnp.where(problem.valid, x, 1.0)  # padding: a = G^2 = 0, and no 1/0
-    rounds = theory.predicted_rounds(keep(q), keep(rho), problem.g2, problem.a, problem.alpha, problem.beta,
-                                     law=problem.law)
+    rounds = predicted_rounds(problem, q, rho)
     time = expected_round_time(problem, q, rho, cfg)
     return {"objective": rounds * time, "expected_round_time": time, "predicted_rounds": rounds}
 
@@ -217,16 +242,17 @@ def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverC
 # ----------------------------------------------------------------------------- projected gradient
 
 def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array, hi: jax.Array,
-                 max_iters: int, xtol: float, memory: int = 1, max_halvings: int = 8,
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Projected gradient with Barzilai-Borwein steps on ``lo <= x <= hi``; returns ``(x, f(x))``.
+                 max_iters: int, xtol: float, memory: int = 1, max_halvings: int = 8, ftol: float = 1e-6,
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projected gradient with Barzilai-Borwein steps on ``lo <= x <= hi``; returns
+    ``(x, f(x), f(x0))``.
 
     Each iteration moves to the projection of ``x - s g`` (``s``: the BB1 step ``|dx|^2 / dx.dg``;
     the first moves the largest coordinate by 1), halving the move until ``f`` is below the largest
     of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello and Lucidi).
     Stops when no coordinate moves by ``xtol``, when ``max_halvings`` halvings find no acceptable
-    point, or after 5 iterations without a new best. The normal surrogate is piecewise smooth only
-    (its CDF jumps where one client's demand reaches the band, docs/method.md): the monotone rule
+    point, or after 5 iterations without a new best lower by ``ftol`` (absolute: ``f`` is a log).
+    The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand reaches the band, docs/method.md): the monotone rule
     (``memory = 1``) stops sooner there, at as good a point.
     Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a trial is
     usually accepted: a small compile, one pass an iteration.
@@ -257,23 +283,23 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
         return (it < max_iters) & ~done
 
     def body(c):
-        it, x, _, g, step, hist, best_x, best_f, stall, _ = c
+        it, x, _, g, step, hist, best_x, best_f, f_start, stall, _ = c
         xn, fn, gn, ok = line_search(x, g, step, jnp.max(hist))  # iteration 0: g = 0, evaluates x0
         dx, dg = xn - x, gn - g
         curv = jnp.vdot(dx, dg)
         bb = jnp.where(curv > 0, jnp.vdot(dx, dx) / jnp.where(curv > 0, curv, 1.0), 2.0 * step)
         step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.abs(gn)), 1e-30), bb)
         hist = jnp.where(it == 0, fn, jnp.roll(hist, 1).at[0].set(fn))
-        better = fn < best_f - 1e-6 * jnp.abs(best_f)
+        better = fn < best_f - ftol
         stall = jnp.where(better, 0, stall + 1)
         done = (it > 0) & ((jnp.max(jnp.abs(dx)) < xtol) | ~ok | (stall >= 5))
         return (it + 1, xn, fn, gn, jnp.clip(step, 1e-10, 1e10), hist, jnp.where(fn < best_f, xn, best_x),
-                jnp.minimum(fn, best_f), stall, done)
+                jnp.minimum(fn, best_f), jnp.where(it == 0, fn, f_start), stall, done)
 
     x0 = project(x0)
-    init = (0, x0, jnp.inf, jnp.zeros_like(x0), 1.0, jnp.full(memory, jnp.inf), x0, jnp.inf, 0, False)
-    *_, x, fx, _, _ = jax.lax.while_loop(cond, body, init)
-    return x, fx
+    init = (0, x0, jnp.inf, jnp.zeros_like(x0), 1.0, jnp.full(memory, jnp.inf), x0, jnp.inf, jnp.inf, 0, False)
+    *_, x, fx, f_start, _, _ = jax.lax.while_loop(cond, body, init)
+    return x, fx, f_start
 
 
 # ----------------------------------------------------------------------------- the solver
@@ -318,6 +344,7 @@ def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
 
 def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
     n, dtype = problem.num_clients, problem.a.dtype
+    cfg = cfg.for_clients(n)
     f = _log_objective(problem, cfg)
     pinned = ~problem.valid  # padding: held at q = rho = 1 (its terms are masked out)
     lo = jnp.where(pinned, 0.0, jnp.log(jnp.stack([jnp.full(n, cfg.q_min, dtype), jnp.full(n, 1.0 / cfg.rank, dtype)])))
@@ -325,29 +352,37 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
     base = _baselines(n, cfg, dtype)
     base_x = jnp.stack([jnp.log(jnp.stack(qr)) for qr in base.values()])
     starts = jnp.concatenate([base_x, _structured_starts(problem, cfg)])
-    if n <= cfg.multistart_max_clients:
+    large = n > cfg.multistart_max_clients
+    if large:  # one descent, from the best start
+        screened = jax.lax.map(f, starts)
+        starts = starts[jnp.argmin(screened)][None]
+    else:
         starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
-    else:  # one descent, from the best start
-        starts = starts[jnp.argmin(jax.lax.map(f, starts))][None]
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
 
     # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
     # re-optimizes q alone (rho's bounds pinned). One loop, so the descent is compiled once.
-    def phase(i, xs_fs):
-        xs, _ = xs_fs
+    def phase(i, carry):
+        xs, _, f_starts = carry
         xs = jnp.where(i == 0, xs, on_grid(xs))
         los = jnp.where(i == 0, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
         his = jnp.where(i == 0, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
-        descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol)
+        descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol, ftol=cfg.ftol)
         if len(xs) == 1:  # a vmapped while loop selects its whole state every step: skip it
-            return jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
-        return jax.vmap(descend)(xs, los, his)
+            xs, fs, f0 = jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
+        else:
+            xs, fs, f0 = jax.vmap(descend)(xs, los, his)
+        return xs, fs, jnp.where(i == 0, f0, f_starts)  # phase 0's start values: the baselines' too
 
-    xs, fs = jax.lax.fori_loop(0, 2, phase, (starts, jnp.zeros(len(starts), dtype)))
-    # The best polished start, or a baseline (all on the grid) if one is better: never worse.
+    zeros = jnp.zeros(len(starts), dtype)
+    xs, fs, f_starts = jax.lax.fori_loop(0, 2, phase, (starts, zeros, zeros))
+    # The best polished start, or a baseline (on the grid, its log J known from the screening or
+    # the first evaluation of its descent) if one is better: never worse. E[T] = J / rounds.
     candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])
-    terms = jax.vmap(lambda x: objective_terms(problem, jnp.exp(x[0]), jnp.exp(x[1]), cfg))(candidates)
-    best = jnp.argmin(terms["objective"])
+    log_j = jnp.concatenate([jnp.min(fs)[None], (screened if large else f_starts)[:len(base)]])
+    rounds = jax.vmap(lambda x: predicted_rounds(problem, jnp.exp(x[0]), jnp.exp(x[1])))(candidates)
+    terms = {"objective": jnp.exp(log_j), "expected_round_time": jnp.exp(log_j) / rounds, "predicted_rounds": rounds}
+    best = jnp.argmin(log_j)
     q, k = jnp.exp(candidates[best, 0]), round_rho(jnp.exp(candidates[best, 1]), cfg.rank)
     baselines = {name: jax.tree.map(lambda v: v[i + 1], terms) for i, name in enumerate(base)}
     return SolveResult(q=q, rho=(k / cfg.rank).astype(dtype), k=k, baselines=baselines,

@@ -514,6 +514,16 @@ def bisect_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: j
     return 0.5 * (lo + hi)
 
 
+def regula_falsi_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
+                            iters: int) -> jax.Array:
+    """Root of a decreasing scalar ``fn`` on ``[lo, hi]`` by Illinois regula falsi: the same
+    contract as :func:`bisect_decreasing`, superlinear on smooth ``fn`` (10 steps where bisection
+    needs 30)."""
+    lo, hi, f_lo, f_hi = _illinois(fn, lo, hi, fn(lo), fn(hi), iters)
+    x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+    return jnp.where((x >= lo) & (x <= hi), x, 0.5 * (lo + hi))  # a flat fn (one client): the middle
+
+
 def _implicit_root(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """Attach implicit-function-theorem gradients to a root ``x`` of ``fn`` found without them.
 
@@ -531,10 +541,11 @@ def _bottleneck(times: ClientTimes, mask: jax.Array) -> jax.Array:
 
 
 def adaptive_round_time(times: ClientTimes, mask: jax.Array, bandwidth_hz: float | jax.Array,
-                        iters: int = 60) -> jax.Array:
+                        iters: int = 60, root: Callable = bisect_decreasing) -> jax.Array:
     """Minimal round time of the participants ``mask``: all finish together, ``sum b_n = Bw``.
 
-    Bisection on ``log(T - max T_min)`` between the slack at which the bottleneck client alone needs
+    ``root`` (bisection, or :func:`regula_falsi_decreasing` with fewer ``iters``) on
+    ``log(T - max T_min)`` between the slack at which the bottleneck client alone needs
     the whole band and the equal-split time; each client's slack is ``delta + (max T_min - T_min_n)``,
     so no digit is lost near the floor. Differentiable (implicit function theorem). 0 if empty.
     """
@@ -553,7 +564,7 @@ def adaptive_round_time(times: ClientTimes, mask: jax.Array, bandwidth_hz: float
         demand = jnp.where(mask, bandwidth_for_slack(times, jnp.exp(log_delta) + gap), 0.0).sum()
         return jnp.log(demand) - jnp.log(bw)
 
-    log_delta = _implicit_root(excess_demand, bisect_decreasing(excess_demand, lo, hi, iters))
+    log_delta = _implicit_root(excess_demand, root(excess_demand, lo, hi, iters))
     return jnp.where(any_, top + jnp.exp(log_delta), 0.0)
 
 
@@ -766,9 +777,10 @@ def _cdf_log_odds(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: ja
 
 
 def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, f_lo: jax.Array,
-              f_hi: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+              f_hi: jax.Array, iters: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Bracket ``[lo, hi]`` of the root of a decreasing ``fn`` (``f_lo >= 0 >= f_hi``) after
-    ``iters`` steps of regula falsi with the Illinois rule (superlinear on smooth ``fn``)."""
+    ``iters`` steps of regula falsi with the Illinois rule (superlinear on smooth ``fn``), and the
+    (Illinois-scaled) values at its ends."""
     def body(_, c):
         lo, hi, f_lo, f_hi, last = c
         x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
@@ -779,12 +791,12 @@ def _illinois(fn: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array
                       jnp.where(right & (last == 1), 0.5 * f_hi, f_hi))  # the Illinois halving
         return (jnp.where(right, x, lo), jnp.where(right, hi, x), jnp.where(right, fx, f_lo),
                 jnp.where(right, f_hi, fx), jnp.where(right, 1, -1))
-    lo, hi, _, _, _ = jax.lax.fori_loop(0, iters, body, (lo, hi, f_lo, f_hi, 0))
-    return lo, hi
+    lo, hi, f_lo, f_hi, _ = jax.lax.fori_loop(0, iters, body, (lo, hi, f_lo, f_hi, 0))
+    return lo, hi, f_lo, f_hi
 
 
 _SUPPORT_Q_MAX = 0.99  # see _support
-_SPLIT_ITERS = 30  # bisection steps of the split point (+ one implicit Newton step)
+_SPLIT_ITERS = 10  # regula falsi steps of the split point (+ one implicit Newton step)
 _LOG_ODDS_CLIP = 30.0  # beyond float32's reach; keeps regula falsi's secants finite
 
 
@@ -812,7 +824,7 @@ def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
     target = jnp.log(levels) - jnp.log1p(-levels)
 
     def bracket(t):
-        return _illinois(lambda s: t - odds(s), s_lo, s_hi, t - o_lo, t - o_hi, iters)
+        return _illinois(lambda s: t - odds(s), s_lo, s_hi, t - o_lo, t - o_hi, iters)[:2]
     los, his = jax.vmap(bracket)(target)
     return lo + jnp.exp(los[0]), lo + jnp.exp(his[1])
 
@@ -845,7 +857,7 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     a, b = _support(times, q, bandwidth_hz, tail, iters, exact)
     m = jnp.asarray(min_round_s, a.dtype)
     lo, hi = jnp.maximum(a, m), jnp.maximum(b, m)
-    c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, iters=_SPLIT_ITERS), lo, hi)
+    c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, _SPLIT_ITERS, regula_falsi_decreasing), lo, hi)
     x, w = (jnp.asarray(v, a.dtype) for v in _gauss_legendre(num_points))
     nodes = jnp.concatenate([lo + (c - lo) * x, c + (hi - c) * x])
     weights = jnp.concatenate([(c - lo) * w, (hi - c) * w])  # int_lo^c (0 - F) + int_c^hi (1 - F)

@@ -132,6 +132,46 @@ def test_no_recompilation_for_bandwidth_or_client_count_within_a_bucket():
     assert [S.bucket_size(n) for n in (1, 16, 17, 100, 100_000)] == [16, 16, 32, 128, 131072]
 
 
+@pytest.mark.slow
+def test_a_sweep_over_client_counts_compiles_once_per_bucket():
+    """Ten client counts from 10 to 100 fall in four buckets (16, 32, 64, 128): four compilations."""
+    compiles = S.compile_count()
+    for n in range(10, 101, 10):
+        prof, g2, a, alpha, beta = _problem(n, seed=n)
+        S.solve_problem(S.make_problem(prof, SYS, WORK, g2, a, alpha, beta, overhead_s=0.01), jax.random.key(0),
+                        S.SolverConfig(rank=8, max_iters=3))
+    assert S.compile_count() - compiles == len({S.bucket_size(n) for n in range(10, 101, 10)}) == 4
+
+
+def test_large_numerics_apply_above_multistart_max_clients():
+    cfg = S.SolverConfig(rank=8, multistart_max_clients=32)
+    assert cfg.for_clients(32) is cfg
+    large = cfg.for_clients(64)
+    assert (large.quad_points, large.support_iters, large.ftol) == (
+        cfg.large_quad_points, cfg.large_support_iters, cfg.large_ftol) != (cfg.quad_points, cfg.support_iters, cfg.ftol)
+
+
+def test_split_point_by_regula_falsi_matches_bisection():
+    """The normal surrogate's split point (regula falsi, 10 steps + one Newton step) against
+    60 bisection steps: the same round time and gradient in float64, to round-off."""
+    with jax.enable_x64(True):
+        prof = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), W.generate_profile(jax.random.key(2), 12, SYS))
+        arrays = W.client_arrays(prof, SYS, WORK)
+        rho = jnp.linspace(0.1, 1.0, 12)
+
+        @jax.jit
+        def both(mask):
+            t = lambda root, iters: jax.value_and_grad(lambda r: W.adaptive_round_time(
+                arrays.times(r), mask, SYS.bandwidth_hz, iters, root))(rho)
+            return t(W.bisect_decreasing, 60), t(W.regula_falsi_decreasing, W._SPLIT_ITERS)
+
+        for seed in range(4):
+            mask = (jax.random.uniform(jax.random.key(seed), (12,)) < 0.6).at[seed].set(True)
+            (v, g), (v_rf, g_rf) = both(mask)
+            np.testing.assert_allclose(v_rf, v, rtol=1e-12)
+            np.testing.assert_allclose(g_rf, g, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(g))))
+
+
 def test_padding_leaves_the_objective_unchanged():
     prof, g2, a, alpha, beta = _problem(5, seed=1)
     problem = S.make_problem(prof, SYS, WORK, g2, a, alpha, beta, overhead_s=0.1)
@@ -182,7 +222,7 @@ def test_equal_times_matches_closed_form():
         return jnp.log(rounds * W.expected_max_exact(jnp.full(n, t0 + t1 * rho), q))
 
     lo = jnp.log(jnp.append(jnp.full(n, 0.05), 1 / rank))
-    x, _ = jax.jit(lambda x0: S.minimize_box(f, x0, lo, jnp.zeros(n + 1), 500, 1e-9))(jnp.full(n + 1, -1.0))
+    x, *_ = jax.jit(lambda x0: S.minimize_box(f, x0, lo, jnp.zeros(n + 1), 500, 1e-9))(jnp.full(n + 1, -1.0))
     np.testing.assert_allclose(jnp.exp(x[:n]), 1.0, atol=1e-3)
     rho_star = S.equal_times_rho(alpha, beta, g2, a, t0, t1, rank)
     assert 1 / rank < rho_star < 1

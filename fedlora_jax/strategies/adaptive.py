@@ -100,7 +100,7 @@ def sketch_only_ranks(problem: solver_lib.Problem, q: float, cfg: solver_lib.Sol
     n = problem.a.shape[0]
     q = jnp.full(n, q)
     objective = lambda rho: solver_lib.objective_terms(problem, q, rho, cfg)["objective"]
-    x, _ = solver_lib.minimize_box(lambda x: jnp.log(objective(jnp.exp(x))), jnp.zeros(n),
+    x, *_ = solver_lib.minimize_box(lambda x: jnp.log(objective(jnp.exp(x))), jnp.zeros(n),
                                    jnp.full(n, -np.log(cfg.rank)), jnp.zeros(n), cfg.max_iters,
                                    cfg.xtol)
     k = solver_lib.round_rho(jnp.exp(x), cfg.rank)
