@@ -22,14 +22,16 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        "all-MiniLM-L6-v2 on Python's documentation (7 chapters), 50 clients split by topic, "
-        "10 per round, rank 8, sketch ratio 1/2, 20 rounds (the embedded, offline default)",
+        "all-MiniLM-L6-v2 on Python's documentation (160-character passages, 7 chapters), 10 "
+        "clients split by topic, 5 per round, rank 8, sketch ratio 1/2, 20 rounds (the embedded, "
+        "offline default)",
         {}),
     "tiny": Preset(
         "tiny random-init transformer on synthetic 4-class data, 16 clients, 4 per round, "
         "sequence length 16, rank 4, 10 rounds: seconds on a CPU, for tests and notebooks",
         {"model": {"source": "tiny"},
-         "data": {"source": "synthetic", "partition": "iid", "num_clients": 16, "max_length": 16},
+         "data": {"source": "synthetic", "partition": "iid", "num_clients": 16, "max_length": 16,
+                  "heldout_fraction": 0.2},
          "lora": {"rank": 4, "alpha": 8.0},
          "client": {"local_steps": 2, "batch_size": 4},
          "federation": {"rounds": 10, "participants": 4.0, "chunk_size": 4, "sketch_ratio": 0.5},
