@@ -1,5 +1,5 @@
 """The held-out evaluation's share of a default run's wall time: ``fedlora-jax run`` with the
-default config (MiniLM-L6, 50 clients, 20 rounds, evaluation every ``eval_every`` rounds and at
+default config (MiniLM-L6, 10 clients, 20 rounds, evaluation every ``eval_every`` rounds and at
 rounds 0 and 20), with the time spent in :func:`fedlora_jax.build.evaluate` measured around it.
 The first evaluation includes compiling the evaluation program; ``steady`` leaves that out (the
 first call counted at the median of the others).

@@ -114,7 +114,7 @@ class RunConfig:
     lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"))
     client: ClientConfig = ClientConfig(local_steps=2, batch_size=4)
     client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 5e-3)
-    server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)
+    server_optimizer: OptimizerConfig = OptimizerConfig("momentum", 0.5, momentum=0.5)
     federation: FederationConfig = FederationConfig(rounds=20, participants=5.0, chunk_size=5,
                                                     sketch_ratio=0.5)
     system: SystemConfig = SystemConfig()
