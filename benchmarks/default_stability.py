@@ -76,12 +76,12 @@ def main(argv=None) -> list[dict]:
         row["final_se"] = float(np.sqrt(final * (1 - final) / row["heldout"]))
         rows.append(row)
         curve = " ".join(f"{a:.2f}" for a in row["accuracy"])
+        share = row["eval_s"] / row["run_s"]
         print(f"seed {seed} {row['strategy']}: acc {curve} | max drop after round {args.after} "
               f"{row['max_drop']:.3f} | final {final:.4f} (SE {row['final_se']:.4f}, "
               f"H={row['heldout']}) | participants {row['participants']:.1f} | host "
-              f"{row['run_s']:.0f} s, eval {row['eval_s']:.1f} s ({row['eval_s'] / row['run_s']:.0%}"
-              f", first {row['first_eval_s']:.1f} s) | load {row['load_average'][0]:.1f}",
-              flush=True)
+              f"{row['run_s']:.0f} s, eval {row['eval_s']:.1f} s ({share:.0%}, first "
+              f"{row['first_eval_s']:.1f} s) | load {row['load_average'][0]:.1f}", flush=True)
     return write_rows(rows, args.json, overrides=args.overrides, after=args.after)
 
 

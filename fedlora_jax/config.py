@@ -119,7 +119,7 @@ class RunConfig:
                                                     sketch_ratio=0.5)
     system: SystemConfig = SystemConfig()
     bandwidth_allocation: str = "adaptive"
-    strategy: str = "fixed"
+    strategy: str = "adaptive"
     strategy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_every: int = 10
     checkpoint_every: int = 10
