@@ -91,7 +91,7 @@ def _load_data(cfg: config_lib.RunConfig, tokenizer, task: str):
         from fedlora_jax.data.builtin import builtin_text_classification
         text = builtin_text_classification(
             tokenizer, num_clients=data.num_clients, max_length=data.max_length, seed=seed,
-            heldout_fraction=data.heldout_fraction)
+            heldout_fraction=data.heldout_fraction, passage_chars=data.passage_chars)
         clients, owners = text.client_indices, text.heldout_owners
         if data.partition != "natural":
             clients, owners = _split(cfg, text.train["labels"]), None

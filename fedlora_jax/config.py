@@ -50,16 +50,18 @@ class DataConfig:
     per client of the synthetic data (before the held-out split). ``label_names``: the classes of
     a file in index order; a label equal to a name gets its index, an integer label is an index
     (needed when a file mixes text and integer labels, e.g. ``pos`` and ``1``).
-    ``validation_fraction``: the share of the held-out examples set apart (seeded) as a validation
-    split, for tuning; the rest is the test split. ``evaluate_on``: the split a run scores, ``test``
-    or ``validation``."""
+    ``passage_chars``: the longest passage of the builtin data, in characters (shorter passages:
+    more of them, each truncated less by ``max_length``). ``validation_fraction``: the share of
+    the held-out examples set apart (seeded) as a validation split, for tuning; the rest is the
+    test split. ``evaluate_on``: the split a run scores, ``test`` or ``validation``."""
 
     source: str = "builtin"
-    num_clients: int = 50
+    num_clients: int = 10
     partition: str = "natural"
     alpha: float = 0.5
-    max_length: int = 64
-    heldout_fraction: float = 0.2
+    max_length: int = 40
+    heldout_fraction: float = 0.3
+    passage_chars: int = 160
     text_columns: tuple[str, ...] = ()
     label_column: str = "label"
     label_names: tuple[str, ...] = ()
@@ -87,6 +89,8 @@ class DataConfig:
         require(self.alpha > 0, "data.alpha", self.alpha, "be > 0")
         require(_is_int(self.max_length, 2), "data.max_length", self.max_length,
                 "be an integer >= 2")
+        require(_is_int(self.passage_chars, 20), "data.passage_chars", self.passage_chars,
+                "be an integer >= 20")
         require(_is_int(self.synthetic_per_client, 1), "data.synthetic_per_client",
                 self.synthetic_per_client, "be a positive integer")
 
@@ -110,14 +114,14 @@ class RunConfig:
     lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0, targets=("query", "value"))
     client: ClientConfig = ClientConfig(local_steps=2, batch_size=4)
     client_optimizer: OptimizerConfig = OptimizerConfig("adamw", 5e-3)
-    server_optimizer: OptimizerConfig = OptimizerConfig("sgd", 1.0)
-    federation: FederationConfig = FederationConfig(rounds=20, participants=10.0, chunk_size=4,
+    server_optimizer: OptimizerConfig = OptimizerConfig("momentum", 0.5, momentum=0.5)
+    federation: FederationConfig = FederationConfig(rounds=20, participants=5.0, chunk_size=5,
                                                     sketch_ratio=0.5)
     system: SystemConfig = SystemConfig()
     bandwidth_allocation: str = "adaptive"
-    strategy: str = "fixed"
+    strategy: str = "adaptive"
     strategy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    eval_every: int = 5
+    eval_every: int = 10
     checkpoint_every: int = 10
     output_dir: str = "runs/latest"
 

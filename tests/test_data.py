@@ -340,3 +340,18 @@ def test_synthetic_classification_is_learnable():
     batch = jax.tree.map(jax.numpy.asarray, ex)
     losses = [float(step(model, opt, batch)) for _ in range(60)]
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_default_builtin_heldout_set_is_large_enough(minilm_tokenizer):
+    """The default task's held-out set bounds an accuracy's standard error ``sqrt(p (1-p) / H)``
+    below 0.02 at every ``p`` (``H >= 625``), and every chapter has training clients."""
+    from fedlora_jax.config import DataConfig
+
+    d = DataConfig()
+    data = builtin.builtin_text_classification(
+        minilm_tokenizer, num_clients=d.num_clients, max_length=d.max_length, seed=0,
+        heldout_fraction=d.heldout_fraction, passage_chars=d.passage_chars)
+    h = len(data.heldout["labels"])
+    assert np.sqrt(0.25 / h) < 0.02
+    assert set(data.train["labels"].tolist()) == set(range(len(builtin.LABEL_NAMES)))
+    check_partition(data.client_indices, len(data.train["labels"]), d.num_clients, 1)

@@ -18,12 +18,28 @@ def _cache():
     compile_cache.enable()
 
 
-def test_adaptive_is_one_flag_away():
-    # the default stays ``fixed`` until ``adaptive`` learns the embedded task (docs/results.md)
-    assert RunConfig().strategy == load_config().strategy == "fixed"
-    assert load_config(overrides=["strategy=adaptive"]).strategy == "adaptive"
+def test_the_default_is_adaptive_and_every_baseline_one_flag_away():
+    # ``adaptive`` learns the embedded task stably (docs/results.md, sections 4-5)
+    assert RunConfig().strategy == load_config().strategy == "adaptive"
+    for name in strategies.STRATEGIES:
+        assert load_config(overrides=[f"strategy={name}"]).strategy == name
     assert load_config(overrides=["strategy=fixed", "federation.sketch_ratio=0.25"]
                        ).federation.sketch_ratio == 0.25
+    with pytest.raises(ValueError, match="contradicts strategy 'adaptive'"):
+        load_config(overrides=["federation.sketch_ratio=0.25"])
+    # the presets for tests and the papers' settings keep ``fixed``
+    assert load_config(preset="tiny").strategy == "fixed"
+
+
+@pytest.mark.slow
+def test_the_default_run_writes_adaptive_and_prints_its_plan(tmp_path, capsys):
+    """``fedlora-jax run`` with no options but two rounds (the pilot: no solve yet): MiniLM on the
+    builtin data, ``adaptive`` in config.json, the pilot's uniform plan in the summary."""
+    assert cli.main(["run", "--rounds", "2", "--quiet", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["strategy"] == "adaptive"
+    assert "plan (in use from round 1)" in out and "expected participants  5.00 of 10" in out
+    assert "k_n (rank 8: clients)  8: 10" in out
 
 
 def test_simulated_round_s_averages_the_rounds_since_the_plan():

@@ -48,7 +48,7 @@ def test_unknown_strategy_lists_the_valid_ones():
     ("luo", "bandwidth_allocation=equal", "allocates bandwidth 'adaptive'"),
     ("hetlora", "federation.sketch_ratio=0.25", "compute tier"),
     ("flexlora", "federation.sampling=full", "samples clients 'uniform'"),
-    ("flora", "server_optimizer.learning_rate=0.5", "merges the stacked product into the base"),
+    ("flora", "server_optimizer.learning_rate=0.25", "merges the stacked product into the base"),
     ("fedsa", "federation.sketch_ratio=0.25", "FedSA-LoRA trains the full rank"),
 ])
 def test_settings_that_contradict_a_strategy_are_rejected_with_a_reason(name, override, reason):

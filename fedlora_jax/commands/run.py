@@ -10,9 +10,9 @@ from pathlib import Path
 
 EXAMPLE = textwrap.dedent("""\
     examples:
-      fedlora-jax run                              # MiniLM-L6 on Python's docs, 50 clients, 20 rounds
+      fedlora-jax run                              # MiniLM-L6 on Python's docs, 10 clients, 20 rounds
       fedlora-jax run --preset tiny --rounds 4     # tiny model, synthetic data: seconds on a CPU
-      fedlora-jax run --rounds 5 --set federation.sketch_ratio=0.25
+      fedlora-jax run --strategy fixed --rounds 5 --set federation.sketch_ratio=0.25
       fedlora-jax run --model tiny --data synthetic --clients 1000 --set federation.participants=64
       fedlora-jax run --config my_run.toml --set client_optimizer.learning_rate=1e-3
       fedlora-jax run --preset fslora-glue --model /path/to/roberta_dir --data train.tsv
@@ -42,8 +42,8 @@ def _preset_help() -> str:
 
 def _strategy_help() -> str:
     from fedlora_jax.strategies import STRATEGIES
-    return ("how clients are sampled, sketched and aggregated (default 'fixed': the federation "
-            "settings as given; 'adaptive': the paper's solver plans every client's q and rank): "
+    return ("how clients are sampled, sketched and aggregated (default 'adaptive': the paper's "
+            "solver plans every client's q and rank; 'fixed': the federation settings as given): "
             f"{', '.join(STRATEGIES)}; a strategy's own parameters are set with "
             "--set strategy_options.NAME=VALUE (docs/results.md lists them)")
 
@@ -63,7 +63,7 @@ def add_config_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     p.add_argument("--model", help="'minilm' (default), 'tiny', or a local Hugging Face directory")
     p.add_argument("--data", help="'builtin' (default), 'synthetic', or a TSV/CSV/JSON/JSONL file")
     p.add_argument("--rounds", type=int, help="communication rounds (default 20)")
-    p.add_argument("--clients", type=int, help="number of clients (default 50)")
+    p.add_argument("--clients", type=int, help="number of clients (default 10)")
 
 
 def register(subparsers) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from fedlora_jax.fields import closest, coerce, require
+from fedlora_jax.fields import closest, coerce, from_dict, require
 from fedlora_jax.strategies.adaptive import Adaptive
 from fedlora_jax.strategies.base import (
     Context,
@@ -96,6 +96,8 @@ def contradictions(strategy: Strategy, cfg, baseline: dict | None = None) -> lis
     for path, (value, why) in strategy.settings().items():
         current = _get(cfg, path)
         default = _default(type(cfg), path) if baseline is None else _lookup(baseline, path)
+        if isinstance(default, dict):  # a whole section (e.g. server_optimizer), as a dict tree
+            default = from_dict(type(current), default)
         if current != default and (value is None or current != value):
             wanted = "leave it unset" if value is None else f"it uses {value!r}"
             reasons.append(f"{path}={current!r} contradicts strategy {strategy.name!r}: {why} "
