@@ -101,7 +101,7 @@ def contradictions(strategy: Strategy, cfg, baseline: dict | None = None) -> lis
         if current != default and (value is None or current != value):
             wanted = "leave it unset" if value is None else f"it uses {value!r}"
             reasons.append(f"{path}={current!r} contradicts strategy {strategy.name!r}: {why} "
-                           f"({wanted}).")
+                           f"({wanted}, or choose a strategy that takes it, e.g. --strategy fixed).")
     return reasons
 
 
