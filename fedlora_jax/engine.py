@@ -565,14 +565,14 @@ class FederatedEngine:
 
 # ------------------------------------------------------------------------------- packed runs
 
-def same_rule(a: Rule, b: Rule) -> bool:
-    """Whether two rules trace the same program: the same functions, and partials of the same
-    function with equal arguments (``sketched()`` built twice)."""
-    def same(f, g):
-        if isinstance(f, functools.partial) and isinstance(g, functools.partial):
-            return f.func is g.func and f.args == g.args and f.keywords == g.keywords
-        return f is g
-    return all(same(f, g) for f, g in zip(a, b))
+def rule_signature(rule: Rule) -> tuple:
+    """What decides the program a rule traces: its functions, and for partials (``sketched()``
+    built twice) the function and arguments. Rules of equal signatures pack together."""
+    def of(f):
+        if isinstance(f, functools.partial):
+            return f.func, f.args, tuple(sorted(f.keywords.items()))
+        return f
+    return tuple(of(f) for f in rule)
 
 
 def _stacked(trees: list) -> Any:
@@ -661,7 +661,7 @@ class PackedEngine:
 
     What may differ between the runs: seeds (data split, initialization, network, sampling
     keys), client and server learning rates, ``q`` and ``k`` (strategies of the same rule), the
-    clock. What must not: the model's and the pool's shapes, the rule (:func:`same_rule`), the
+    clock. What must not: the model's and the pool's shapes, the rule (:func:`rule_signature`), the
     sampling scheme, local steps, batch and chunk sizes, the optimizers but for their rates, and
     the mesh; a personalized rule (per-client evaluation) does not pack.
 
@@ -824,7 +824,7 @@ def check_packable(engines: list[FederatedEngine]) -> None:
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
     rate = lambda cfg: dataclasses.replace(cfg, learning_rate=1.0)
     checks = {
-        "the aggregation rule": lambda e: same_rule(e.rule, first.rule),
+        "the aggregation rule": lambda e: rule_signature(e.rule) == rule_signature(first.rule),
         "the sampling scheme": lambda e: e.cfg.sampling == first.cfg.sampling,
         "local training (steps, batch, block size, loss)": lambda e: (
             e.local.steps, e.local.batch_size, e.local.block_size, e.local.loss_fn) == (

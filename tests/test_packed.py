@@ -144,3 +144,68 @@ def test_what_does_not_pack_is_refused():
                                       client_optimizer=OptimizerConfig("adamw", 0.1),
                                       server_optimizer=OptimizerConfig("momentum", 1.0),
                                       federation=FederationConfig(chunk_size=4))])
+
+
+# ------------------------------------------------------------------------------ packed training
+
+RUNS = ((3, "fedit", 0.05), (3, "fslora", 0.1), (4, "fedit", 0.1), (4, "fslora", 0.05))
+
+
+def _configs(root, runs=RUNS, rounds=2):
+    from fedlora_jax.config import load_config
+
+    return [load_config(overrides=[f"federation.rounds={rounds}", "eval_every=1",
+                                   "checkpoint_every=1", f"strategy={strategy}",
+                                   f"federation.seed={seed}",
+                                   f"client_optimizer.learning_rate={lr}",
+                                   f"output_dir={root / f'{strategy}_s{seed}_lr{lr}'}"],
+                        preset="tiny")
+            for seed, strategy, lr in runs]
+
+
+def _without_time(rows):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
+def test_packed_training_writes_each_run_as_alone(tmp_path):
+    """Two seeds x FedIT and FSLoRA, two client rates, on the tiny preset: each run's folder holds
+    what the run alone writes, its rows equal the run alone's, and a packed run resumes alone."""
+    import json
+
+    from fedlora_jax import train as train_lib
+
+    compile_cache.enable()
+    quiet = lambda *_: None
+    cfgs = _configs(tmp_path / "packed")
+    assert len({train_lib.pack_key(cfg) for cfg in cfgs}) == 1
+    packed = train_lib.train_packed(cfgs, log=quiet)
+    alone_cfgs = _configs(tmp_path / "alone")
+    for cfg, alone_cfg, rows in zip(cfgs, alone_cfgs, packed):
+        expected = train_lib.train(alone_cfg, progress="none", log=quiet)
+        got, want = _without_time(rows), _without_time(expected)
+        assert [r.keys() for r in got] == [r.keys() for r in want]
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-5, abs=1e-6), cfg.output_dir
+        folder, alone_folder = tmp_path / "packed" / cfg.output_dir.split("/")[-1], \
+            tmp_path / "alone" / alone_cfg.output_dir.split("/")[-1]
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            p.name for p in alone_folder.iterdir())
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["1", "2"]
+        assert _without_time(json.loads(line) for line in
+                             (folder / "metrics.jsonl").read_text().splitlines()) == got
+    assert packed[0][-1]["eval_loss"] != packed[1][-1]["eval_loss"]  # the runs differ
+    # a packed run's checkpoint resumes alone, as its own run's would
+    extended = _configs(tmp_path / "packed", RUNS[:1], rounds=3)[0]
+    resumed = train_lib.train(extended, progress="none", log=quiet, resume=True)
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    assert _without_time(resumed[:3]) == _without_time(packed[0])
+
+
+def test_packing_refuses_mixed_runs_before_writing(tmp_path):
+    from fedlora_jax import train as train_lib
+
+    cfgs = _configs(tmp_path, ((3, "fedit", 0.05), (3, "hetlora", 0.05)))
+    assert train_lib.pack_key(cfgs[0]) != train_lib.pack_key(cfgs[1])
+    with pytest.raises(train_lib.NotPackable, match="group them by train.pack_key"):
+        train_lib.train_packed(cfgs, log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
