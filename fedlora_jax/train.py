@@ -244,6 +244,40 @@ def train_packed(cfgs: list[config_lib.RunConfig], *, progress: str = "none", lo
     return histories
 
 
+MAX_PACK = 16  # runs per pack at most: a chunk trains runs x chunk_size clients at once
+
+
+def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
+              ) -> list[list[dict]]:
+    """Trains every config afresh (replacing what its folder holds) and returns each one's
+    metrics rows, in order. With ``pack``, the configs of one :func:`pack_key` train as packs
+    of up to :data:`MAX_PACK` (:func:`train_packed`); a pack that cannot share a program after
+    all (:class:`NotPackable`), a lone config and ``pack=False`` train one by one
+    (:func:`train`). ``log`` gets one line per pack or run."""
+    groups: dict = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(pack_key(cfg) if pack else i, []).append(i)
+    quiet = lambda *_: None
+    results: list = [None] * len(cfgs)
+    for members in groups.values():
+        for start in range(0, len(members), MAX_PACK):
+            part = members[start:start + MAX_PACK]
+            if len(part) > 1:
+                log(f"{len(part)} runs packed into one program: "
+                    + ", ".join(cfgs[i].output_dir for i in part))
+                try:
+                    for i, rows in zip(part, train_packed([cfgs[i] for i in part], log=quiet,
+                                                          overwrite=True)):
+                        results[i] = rows
+                    continue
+                except NotPackable as e:
+                    log(f"not packed ({e}): one by one")
+            for i in part:
+                log(cfgs[i].output_dir)
+                results[i] = train(cfgs[i], progress="none", log=quiet, overwrite=True)
+    return results
+
+
 def _packed_loop(packed: PackedEngine, runs: list[Run], states: list[RunState],
                  histories: list[list[dict]], checkpoints: list[checkpoint.Checkpointer],
                  cfgs: list[config_lib.RunConfig], *, elapsed: list[float], progress: str

@@ -148,7 +148,7 @@ def test_what_does_not_pack_is_refused():
 
 # ------------------------------------------------------------------------------ packed training
 
-RUNS = ((3, "fedit", 0.05), (3, "fslora", 0.1), (4, "fedit", 0.1), (4, "fslora", 0.05))
+RUNS = ((3, "fedit", 0.05), (4, "fslora", 0.1))
 
 
 def _configs(root, runs=RUNS, rounds=2):
@@ -168,8 +168,9 @@ def _without_time(rows):
 
 
 def test_packed_training_writes_each_run_as_alone(tmp_path):
-    """Two seeds x FedIT and FSLoRA, two client rates, on the tiny preset: each run's folder holds
-    what the run alone writes, its rows equal the run alone's, and a packed run resumes alone."""
+    """Two runs of the tiny preset (seeds, strategies of one rule and client rates differ): each
+    run's folder holds what the run alone writes, its rows equal the run alone's, and a packed
+    run resumes alone."""
     import json
 
     from fedlora_jax import train as train_lib
@@ -209,3 +210,61 @@ def test_packing_refuses_mixed_runs_before_writing(tmp_path):
     with pytest.raises(train_lib.NotPackable, match="group them by train.pack_key"):
         train_lib.train_packed(cfgs, log=lambda *_: None)
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------- commands
+
+def _tagged_rows(path):
+    import json
+
+    return sorted((_without_time([json.loads(line)])[0] for line in path.read_text().splitlines()),
+                  key=lambda r: (r["strategy"], r["seed"], r["round"]))
+
+
+def test_compare_packs_both_stages(tmp_path, capsys):
+    from fedlora_jax.cli import main
+
+    compile_cache.enable()
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", "tiny", "--rounds", "1", "--strategies", "fedit,fslora",
+                 "--reference", "fslora", "--seeds", "3", "--tune-seeds", "7", "--lr-grid",
+                 "0.05", "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().out.count("compare: 2 runs packed into one program") == 2
+    rows = _tagged_rows(out / "metrics.jsonl")
+    assert [(r["strategy"], r["round"]) for r in rows] == [("fedit", 0), ("fedit", 1),
+                                                           ("fslora", 0), ("fslora", 1)]
+    assert rows[0]["eval_accuracy"] == rows[2]["eval_accuracy"]  # one seed, one world
+    assert 0 < rows[3]["sim_clock_s"] < rows[1]["sim_clock_s"]  # smaller sketches
+    for run in ("fedit/seed3", "fslora/seed3", "tuning/fedit/lr0.05_slr1/seed7"):
+        assert (out / run / "checkpoints" / "1").is_dir(), run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["compare", "--preset", "tiny", "--rounds", "2", "--strategies", "fedit,fslora",
+     "--reference", "fslora", "--seeds", "3,4", "--tune-seeds", "7", "--lr-grid", "0.05,0.1"],
+    ["sweep", "--grid", "strategy=fedit,fslora", "--grid", "participants=2,4", "--rounds", "2",
+     "--set", "eval_every=1"]], ids=["compare", "sweep"])
+def test_packed_commands_equal_no_pack(tmp_path, capsys, command):
+    from fedlora_jax.cli import main
+
+    compile_cache.enable()
+    assert main([*command, "--output-dir", str(tmp_path / "packed")]) == 0
+    assert "runs packed into one program" in capsys.readouterr().out
+    assert main([*command, "--output-dir", str(tmp_path / "alone"), "--no-pack"]) == 0
+    assert "packed" not in capsys.readouterr().out
+    files = ("tuning.jsonl", "metrics.jsonl") if command[0] == "compare" else ()
+    for name in files:
+        packed, alone = (_tagged_rows(tmp_path / side / name) for side in ("packed", "alone"))
+        assert len(packed) == len(alone) > 0
+        for p, a in zip(packed, alone):
+            assert p == pytest.approx(a, rel=1e-5, abs=1e-6)
+    if command[0] == "sweep":
+        import json
+
+        rows = {side: [{k: v for k, v in r.items() if k != "wall_s"} for r in
+                       json.loads((tmp_path / side / "sweep.json").read_text())]
+                for side in ("packed", "alone")}
+        assert len(rows["packed"]) == 4 and len({r["seed"] for r in rows["packed"]}) == 4
+        for p, a in zip(rows["packed"], rows["alone"]):
+            assert p == pytest.approx(a, rel=1e-5, abs=1e-6)
