@@ -298,7 +298,8 @@ def _packed_loop(packed: PackedEngine, runs: list[Run], states: list[RunState],
     def save(server: ServerState, states: list[RunState]) -> None:
         saved_round = np.asarray(server.round)
         for i, state in enumerate(states):
-            checkpoints[i].save(int(saved_round[i]), state._replace(server=packed.run_state(server, i)),
+            checkpoints[i].save(int(saved_round[i]),
+                                state._replace(server=packed.run_state(server, i)),
                                 config=configs[i],
                                 elapsed_s=elapsed[i] + time.perf_counter() - clock_start)
 

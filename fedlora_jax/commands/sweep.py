@@ -5,8 +5,9 @@ default) with the point's overrides and its own seed, derived from the point's s
 point's result does not depend on the rest of the grid. Points whose shapes allow train as packs
 of runs in one compiled program (:func:`fedlora_jax.train.train_all`; ``--no-pack``: one by one).
 Each point gets ``OUTPUT_DIR/points/POINT/result.json`` when its run (or pack) finishes; a rerun
-skips the points that have one (resumable). The table of all points goes to ``OUTPUT_DIR/sweep.csv`` and ``sweep.json``, the plot
-to ``sweep.png``. Every point's config is validated before the first run starts.
+skips the points that have one (resumable). The table of all points goes to
+``OUTPUT_DIR/sweep.csv`` and ``sweep.json``, the plot to ``sweep.png``. Every point's config is
+validated before the first run starts.
 """
 
 from __future__ import annotations
