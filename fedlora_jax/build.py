@@ -4,6 +4,7 @@ engine with its clock, and what the strategy may know (its context); scores held
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +42,24 @@ def _model_path(cfg: config_lib.RunConfig) -> str | None:
     return {"tiny": None, "minilm": minilm_path()}.get(cfg.model.source, cfg.model.source)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """A directory's tokenizer, loaded once per process: the runs of a sweep or a pack share it
+    (tokenizing only reads it)."""
+    from fedlora_jax.models.hf import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 def _tokenizer_and_task(cfg: config_lib.RunConfig):
     """The tokenizer (the tiny model borrows MiniLM's) and the task of the model's family:
     ``classification`` for encoders, ``causal_lm`` for decoders."""
     from fedlora_jax.data.builtin import minilm_path
-    from fedlora_jax.models.hf import default_task, load_tokenizer
+    from fedlora_jax.models.hf import default_task
 
     path = _model_path(cfg)
     task = "classification" if path is None else default_task(path)
-    return load_tokenizer(path or minilm_path()), task
+    return _tokenizer(str(path or minilm_path())), task
 
 
 def _model(cfg: config_lib.RunConfig, task: str, num_labels: int, vocab_size: int):
@@ -193,23 +203,26 @@ def make_workload(cfg: config_lib.RunConfig, parts, costs: Costs, sizes: Adapter
 
 def make_clock(cfg: config_lib.RunConfig, profile: wireless.SystemProfile,
                workload: wireless.WorkloadModel, costs: Costs):
-    """The simulated wall-clock of a round: ``(mask, k) -> times`` (seconds).
+    """The simulated wall-clock of a round: ``(mask, k) -> times`` (seconds), :func:`round_clock`
+    with this run's profile and settings."""
+    return functools.partial(round_clock, profile, system=cfg.system, workload=workload,
+                             costs=costs, rank=cfg.lora.rank,
+                             adaptive=cfg.bandwidth_allocation == "adaptive")
 
-    ``total`` = :func:`wireless.round_cost` of the clients' compute and upload
-    (:func:`wireless.round_time`, bandwidth allocated as configured; 0 for an empty round) and the
-    server's side: the broadcast (:meth:`Costs.download`) and the aggregation work
-    (:attr:`Costs.server_flops`), charged to empty rounds too, as the solver charges them."""
-    rank, system = cfg.lora.rank, cfg.system
-    adaptive = cfg.bandwidth_allocation == "adaptive"
 
-    def clock(mask, k):
-        times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
-        download_bits = PARAM_BITS * costs.download(mask, k)
-        phases = wireless.server_phases(system, download_bits, costs.server_flops)
-        total = wireless.round_cost(times["total"], phases["download"] + phases["server"])
-        return {**times, **phases, "total": total}
-
-    return jax.jit(clock)
+@functools.partial(jax.jit, static_argnames=("system", "workload", "costs", "rank", "adaptive"))
+def round_clock(profile: wireless.SystemProfile, mask, k, *, system: wireless.SystemConfig,
+                workload: wireless.WorkloadModel, costs: Costs, rank: int, adaptive: bool):
+    """``total`` = :func:`wireless.round_cost` of the clients' compute and upload
+    (:func:`wireless.round_time`, bandwidth allocated adaptively or equally; 0 for an empty
+    round) and the server's side: the broadcast (:meth:`Costs.download`) and the aggregation
+    work (:attr:`Costs.server_flops`), charged to empty rounds too, as the solver charges them.
+    The profile is an argument, so runs of the same settings (a seed sweep) share one program."""
+    times = wireless.round_time(profile, system, workload, mask, k / rank, adaptive=adaptive)
+    download_bits = PARAM_BITS * costs.download(mask, k)
+    phases = wireless.server_phases(system, download_bits, costs.server_flops)
+    total = wireless.round_cost(times["total"], phases["download"] + phases["server"])
+    return {**times, **phases, "total": total}
 
 
 def allocation_record(setup: Setup, plan: strategies.Plan, system: wireless.SystemConfig

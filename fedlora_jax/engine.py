@@ -371,10 +371,12 @@ class FederatedEngine:
         self.personalized = bool(jax.tree.leaves(rows))  # clients keep their own state
         self._sum_shapes, self._report_shapes = _one_client_shapes(
             self.rule, parts.trainable, parts.sketch, rows)
+        self.client_optimizer, self.server_optimizer = client_optimizer, server_optimizer
         self._server_opt = make_optimizer(server_optimizer)
         self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
         local = LocalTraining(parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
                               client.local_steps, client.batch_size, federation.block_size)
+        self.local = local
         rep, sharded = jax.P(), jax.P(CLIENTS)
         self._chunk = jax.jit(
             jax.shard_map(functools.partial(_chunk_step, local, self.rule), mesh=self.mesh,
@@ -464,9 +466,7 @@ class FederatedEngine:
         Raises:
           FloatingPointError: a client's update is not finite.
         """
-        q = sampling.validate_probabilities(self.default_q() if q is None else q, self.num_clients)
-        k = validate_ranks(self.default_k() if k is None else k, self.num_clients, self.rank)
-        q_incl = sampling.inclusion_probabilities(self.cfg.sampling, q).astype(np.float32)
+        q, k, q_incl = self.checked_plan(q, k)
         key, sample_key, train_key = jax.random.split(state.key, 3)
         mask = self._sample(sample_key, jnp.asarray(q))
         participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
@@ -483,13 +483,28 @@ class FederatedEngine:
                  else self._clock(mask, shared.k))
         state = state.replace(key=key, agg=state.agg.replace(clients=carry.clients))
         state, applied = self._server(state, carry.sums, times["total"])
+        return state, self._result(int(state.round), participants, reports, valid, applied,
+                                   metric_sums, k, times)
+
+    def checked_plan(self, q=None, k=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(q, k, inclusion probabilities)`` of a round, checked on the host (defaults:
+        :meth:`default_q`, :meth:`default_k`); ValueError names the first bad client."""
+        q = sampling.validate_probabilities(self.default_q() if q is None else q, self.num_clients)
+        k = validate_ranks(self.default_k() if k is None else k, self.num_clients, self.rank)
+        return q, k, sampling.inclusion_probabilities(self.cfg.sampling, q).astype(np.float32)
+
+    def _result(self, round: int, participants: np.ndarray, reports: list[ClientReport],
+                valid: np.ndarray, applied, metric_sums: dict, k: np.ndarray, times: dict
+                ) -> RoundResult:
+        """The round's :class:`RoundResult` on the host from its chunks' outputs; raises
+        FloatingPointError when a client's update is not finite."""
         clients = self._participants_report(reports, valid)
         if not np.isfinite(clients.update_sq_norm).all():
             raise FloatingPointError(
-                f"Client updates became NaN/inf in round {int(state.round)}: lower the client "
+                f"Client updates became NaN/inf in round {round}: lower the client "
                 "learning rate, add client_optimizer.clip_norm, or use a smaller server learning rate.")
         count = float(metric_sums["count"]) if metric_sums else 0.0
-        return state, RoundResult(
+        return RoundResult(
             participants=participants, clients=clients, applied_sq_norm=float(applied),
             train_loss=float(metric_sums["loss_sum"]) / count if count else float("nan"),
             train_accuracy=float(metric_sums["correct"]) / count if count else float("nan"),
@@ -546,3 +561,291 @@ class FederatedEngine:
             m = self._eval(trainable, self.parts.base, state.agg.server, batch)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         return totals
+
+
+# ------------------------------------------------------------------------------- packed runs
+
+def rule_signature(rule: Rule) -> tuple:
+    """What decides the program a rule traces: its functions, and for partials (``sketched()``
+    built twice) the function and arguments. Rules of equal signatures pack together."""
+    def of(f):
+        if isinstance(f, functools.partial):
+            return f.func, f.args, tuple(sorted(f.keywords.items()))
+        return f
+    return tuple(of(f) for f in rule)
+
+
+def _stacked(trees: list) -> Any:
+    """The trees' leaves stacked on a new leading run axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _padded(x: jax.Array, length: int) -> jax.Array:
+    """``x`` zero-padded along its first axis to ``length``."""
+    return jnp.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def stack_pools(pools: list[ClientPool]) -> ClientPool:
+    """Pools of the same clients' count on a leading run axis. Runs that hold out different
+    numbers of examples have pools of different sizes: examples and the client index are
+    zero-padded to the largest (no client's ``offsets``/``sizes`` reach the padding)."""
+    examples = max(p.num_examples for p in pools)
+    assigned = max(p.order.shape[0] for p in pools)
+    return _stacked([p.replace(examples={k: _padded(v, examples) for k, v in p.examples.items()},
+                               order=_padded(p.order, assigned)) for p in pools])
+
+
+def stacked_batches(examples: list[dict], batch_size: int):
+    """Evaluation batches of every run on a leading run axis (:func:`iterate_batches` per run);
+    a run with fewer batches gets fully masked ones (``example_mask`` 0), which add nothing."""
+    per_run = [list(iterate_batches(ex, batch_size)) for ex in examples]
+    for b in range(max(len(batches) for batches in per_run)):
+        yield jax.tree.map(lambda *xs: np.stack(xs), *[
+            batches[b] if b < len(batches) else
+            {**batches[0], "example_mask": np.zeros(batch_size, np.float32)}
+            for batches in per_run])
+
+
+def _packed_chunk_step(local: LocalTraining, rule: Rule, client_optimizer: OptimizerConfig,
+                       axes: Replicated, rates: jax.Array, shared: Replicated, carry: Carry,
+                       chunk: Chunk) -> tuple[Carry, ClientReport, dict]:
+    """:func:`_chunk_step` vmapped over the runs (leading axis ``R`` of ``rates``, ``carry``,
+    ``chunk`` and of the fields of ``shared`` whose ``axes`` entry is 0); each run's clients
+    train with its own client learning rate ``rates[r]``."""
+    def one_run(rate, shared, carry, chunk):
+        run_local = dataclasses.replace(local, optimizer=make_optimizer(client_optimizer, rate))
+        return _chunk_step(run_local, rule, shared, carry, chunk)
+    return jax.vmap(one_run, in_axes=(0, axes, 0, 0))(rates, shared, carry, chunk)
+
+
+def _packed_server_step(rule: Rule, server_optimizer: OptimizerConfig, rates: jax.Array,
+                        state: ServerState, sums: Sums, round_time: jax.Array
+                        ) -> tuple[ServerState, jax.Array]:
+    """:func:`_server_step` vmapped over the runs, each with its own server learning rate."""
+    return jax.vmap(lambda rate, state, sums, time: _server_step(
+        make_optimizer(server_optimizer, rate), rule, state, sums, time))(
+        rates, state, sums, round_time)
+
+
+def _packed_initial_state(rule: Rule, server_optimizer: OptimizerConfig, rates: jax.Array,
+                          trainable, weights, seeds) -> ServerState:
+    """:func:`_initial_state` vmapped over the runs."""
+    return jax.vmap(lambda rate, trainable, weights, seed: _initial_state(
+        make_optimizer(server_optimizer, rate), rule, trainable, weights, seed))(
+        rates, trainable, weights, seeds)
+
+
+class RunFloatingPointError(FloatingPointError):
+    """A packed run's client updates are not finite; ``run`` is its index in the pack."""
+
+    def __init__(self, run: int, message: str):
+        super().__init__(message)
+        self.run = run
+
+
+class PackedEngine:
+    """``R`` independent runs of the same shapes as one compiled round program
+    (docs/architecture.md, "Packed runs").
+
+    Each run keeps its own :class:`FederatedEngine` for what stays on the host (checking and
+    defaulting ``q`` and ``k``, the clock, the costs, the reports); the device state of all runs
+    is one :class:`ServerState` with a leading run axis ``R``. A round is :func:`jax.vmap` of the
+    engine's own chunk and server steps over that axis, inside the same ``shard_map`` over the
+    ``clients`` mesh axis: the vmap reuses the round's code and every :class:`Rule` unchanged
+    (segment sums over ``(run, client)`` slots would have to re-express each rule's ``reduce``).
+    Each run's participants are packed into chunks as the engine packs them; runs with fewer
+    chunks get chunks of padding only, so a chunk is ``(R, C)`` slots and one compiled program
+    serves every round whatever each run's number of participants. The base weights enter the
+    vmap unbatched when every run has the same (a pretrained checkpoint), else stacked (the tiny
+    model's random base depends on the seed); pools are stacked (:func:`stack_pools`).
+
+    What may differ between the runs: seeds (data split, initialization, network, sampling
+    keys), client and server learning rates, ``q`` and ``k`` (strategies of the same rule), the
+    clock. What must not: the model's and the pool's shapes, the rule (:func:`rule_signature`), the
+    sampling scheme, local steps, batch and chunk sizes, the optimizers but for their rates, and
+    the mesh; a personalized rule (per-client evaluation) does not pack.
+
+    Args:
+      engines: one engine per run, built as for a run of its own.
+    """
+
+    def __init__(self, engines: list[FederatedEngine]):
+        check_packable(engines)
+        self.engines = engines
+        first = engines[0]
+        self.mesh, self.chunk_size, self.rule = first.mesh, first.chunk_size, first.rule
+        self._replicated = jax.NamedSharding(self.mesh, jax.P())
+        self._by_client = jax.NamedSharding(self.mesh, jax.P(None, CLIENTS))
+        shared_base = all(_trees_equal(first.parts.base, e.parts.base) for e in engines[1:])
+        put = lambda x: jax.device_put(x, self._replicated)
+        self.base = put(first.parts.base if shared_base else
+                        _stacked([e.parts.base for e in engines]))
+        self.pool = put(stack_pools([e.pool for e in engines]))
+        self.template = first.parts.sketch
+        self._trainable = put(_stacked([e.parts.trainable for e in engines]))
+        self._rates = put({role: jnp.asarray([getattr(e, f"{role}_optimizer").learning_rate
+                                              for e in engines], jnp.float32)
+                           for role in ("client", "server")})
+        base_axis = None if shared_base else 0
+        axes = Replicated(base=base_axis, trainable=0, template=None, pool=0, server=0, q=0,
+                          k=0, key=0)
+        rep, sharded = jax.P(), jax.P(None, CLIENTS)
+        self._chunk = jax.jit(
+            jax.shard_map(functools.partial(_packed_chunk_step, first.local, self.rule,
+                                            first.client_optimizer, axes),
+                          mesh=self.mesh, in_specs=(rep, rep, rep, sharded), out_specs=rep),
+            in_shardings=(self._replicated, self._replicated, self._replicated,
+                          self._by_client),
+            donate_argnums=2)  # the carry
+        self._init = jax.jit(functools.partial(_packed_initial_state, self.rule,
+                                               first.server_optimizer),
+                             out_shardings=self._replicated)
+        self._server = jax.jit(functools.partial(_packed_server_step, self.rule,
+                                                 first.server_optimizer),
+                               donate_argnames=("state",))
+        self._split = jax.jit(jax.vmap(lambda key: jax.random.split(key, 3)))
+        self._sample = jax.jit(jax.vmap(sampling.SCHEMES[first.cfg.sampling]))
+        self._model = jax.jit(jax.vmap(self.rule.model))
+        parts, loss_fn = first.parts, first.local.loss_fn
+        self._eval = jax.jit(jax.vmap(lambda trainable, base, server, batch: loss_fn(
+            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
+                      self.rule.base(base, server)), batch)[1], in_axes=(0, base_axis, 0, 0)))
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.engines)
+
+    def init(self, seeds: list[int]) -> ServerState:
+        """Every run's first state, stacked (run ``r`` as ``engines[r].init(seeds[r])``)."""
+        weights = jnp.stack([e.pool.weights for e in self.engines])
+        return self._init(self._rates["server"], self._trainable, weights,
+                          jnp.asarray(seeds, jnp.int32))
+
+    def run_round(self, state: ServerState, plans: list[tuple]
+                  ) -> tuple[ServerState, list[RoundResult]]:
+        """One round of every run: each samples, trains and aggregates as
+        :meth:`FederatedEngine.run_round` does, all in the same compiled calls.
+
+        Args:
+          state: the runs' stacked state; its buffers are donated (use the returned state).
+          plans: per run, ``(q, k)`` (``None`` for the engine's default).
+        Returns:
+          The next stacked state and each run's :class:`RoundResult`.
+        Raises:
+          RunFloatingPointError: a run's client update is not finite (the first such run).
+        """
+        checked = [e.checked_plan(q, k) for e, (q, k) in zip(self.engines, plans, strict=True)]
+        q, k, q_incl = (np.stack(x) for x in zip(*checked))
+        keys = self._split(state.key)
+        masks = self._sample(keys[:, 1], jnp.asarray(q))
+        host_masks = np.asarray(masks)
+        participants = [np.flatnonzero(m).astype(np.int32) for m in host_masks]
+        ids, valid = self.pack(participants)
+        shared = Replicated(base=self.base, trainable=state.trainable, template=self.template,
+                            pool=self.pool, server=state.agg.server,
+                            q=jax.device_put(q_incl, self._replicated),
+                            k=jax.device_put(k, self._replicated), key=keys[:, 2])
+        zeros = jax.tree.map(lambda s: jnp.zeros((self.num_runs,) + s.shape, s.dtype),
+                             self.engines[0]._sum_shapes)
+        carry = Carry(sums=jax.device_put(Sums(zeros, jnp.zeros(self.num_runs, jnp.float32)),
+                                          self._replicated), clients=state.agg.clients)
+        reports, metric_sums = [], {}
+        for chunk in zip(ids, valid):
+            carry, report, metrics = self._chunk(self._rates["client"], shared, carry,
+                                                 jax.device_put(Chunk(*chunk), self._by_client))
+            reports.append(report)
+            metric_sums = (jax.tree.map(jnp.add, metric_sums, metrics) if metric_sums
+                           else metrics)
+        times = [{"total": jnp.float32(0.0)} if e._clock is None else e._clock(m, k_r)
+                 for e, m, k_r in zip(self.engines, masks, shared.k)]
+        state = state.replace(key=keys[:, 0], agg=state.agg.replace(clients=carry.clients))
+        state, applied = self._server(self._rates["server"], state, carry.sums,
+                                      jnp.stack([t["total"] for t in times]))
+        reports, metric_sums, applied = jax.device_get((reports, metric_sums, applied))
+        rounds = np.asarray(state.round)
+        results = []
+        for r, engine in enumerate(self.engines):
+            take = lambda tree: jax.tree.map(lambda x: x[r], tree)
+            try:
+                results.append(engine._result(
+                    int(rounds[r]), participants[r], [take(rep) for rep in reports],
+                    valid[:, r], applied[r], take(metric_sums), k[r], times[r]))
+            except FloatingPointError as e:
+                raise RunFloatingPointError(r, f"run {r}: {e}") from None
+        return state, results
+
+    def pack(self, participants: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Every run's participants in chunks (:meth:`FederatedEngine.pack`), the runs with
+        fewer chunks padded with empty ones: ``(num_chunks, R, C)`` ids and validity."""
+        packed = [self.engines[0].pack(p) for p in participants]
+        num_chunks = max(ids.shape[0] for ids, _ in packed)
+        pad = lambda x: np.concatenate([x, np.zeros((num_chunks - len(x), self.chunk_size),
+                                                    x.dtype)])
+        return (np.stack([pad(ids) for ids, _ in packed], axis=1),
+                np.stack([pad(valid) for _, valid in packed], axis=1))
+
+    def run_state(self, state: ServerState, r: int) -> ServerState:
+        """Run ``r``'s own state, as :class:`FederatedEngine` holds it (e.g. to checkpoint)."""
+        return jax.tree.map(lambda x: x[r], state)
+
+    def stack(self, states: list[ServerState]) -> ServerState:
+        """The runs' own states as one stacked state (e.g. restored checkpoints)."""
+        return jax.device_put(_stacked(states), self._replicated)
+
+    def evaluate(self, state: ServerState, examples: list[dict], batch_size: int = 64
+                 ) -> list[dict[str, float]]:
+        """Every run's :meth:`FederatedEngine.evaluate` on its own held-out ``examples[r]``, in
+        the same compiled calls (the runs' batches stacked by :func:`stacked_batches`)."""
+        trainable = self._model(state.trainable, state.agg)
+        totals = None
+        for batch in stacked_batches(examples, batch_size):
+            m = self._eval(trainable, self.base, state.agg.server, batch)
+            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+        totals = jax.device_get(totals)
+        return [summarize(jax.tree.map(lambda x: x[r], totals)) for r in range(self.num_runs)]
+
+
+def _trees_equal(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x is y or (x.shape == y.shape and bool(np.array_equal(x, y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def check_packable(engines: list[FederatedEngine]) -> None:
+    """Raises ValueError naming the first thing that keeps ``engines`` from one compiled
+    program (:class:`PackedEngine`): a different rule, sampling scheme, local training, optimizer
+    (but its rate), chunking, mesh, client count or model shapes, or a personalized rule."""
+    if not engines:
+        raise ValueError("A pack needs at least one run.")
+    first = engines[0]
+    if first.personalized:
+        raise ValueError("A personalized rule (per-client state and evaluation) does not pack: "
+                         "run it on its own (--no-pack).")
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    rate = lambda cfg: dataclasses.replace(cfg, learning_rate=1.0)
+    checks = {
+        "the aggregation rule": lambda e: rule_signature(e.rule) == rule_signature(first.rule),
+        "the sampling scheme": lambda e: e.cfg.sampling == first.cfg.sampling,
+        "local training (steps, batch, block size, loss)": lambda e: (
+            e.local.steps, e.local.batch_size, e.local.block_size, e.local.loss_fn) == (
+            first.local.steps, first.local.batch_size, first.local.block_size,
+            first.local.loss_fn),
+        "the optimizers (but their learning rates)": lambda e: (
+            rate(e.client_optimizer), rate(e.server_optimizer)) == (
+            rate(first.client_optimizer), rate(first.server_optimizer)),
+        "the chunk size and mesh": lambda e: (e.chunk_size, e.mesh) == (first.chunk_size,
+                                                                      first.mesh),
+        "the number of clients": lambda e: e.num_clients == first.num_clients,
+        "the model's shapes": lambda e: (
+            shapes((e.parts.base, e.parts.trainable, e.parts.sketch))
+            == shapes((first.parts.base, first.parts.trainable, first.parts.sketch))
+            and e.parts.graphdef == first.parts.graphdef),
+        "the examples' shapes": lambda e: (
+            shapes({k: v[0] for k, v in e.pool.examples.items()})
+            == shapes({k: v[0] for k, v in first.pool.examples.items()})),
+    }
+    for r, engine in enumerate(engines[1:], 1):
+        for what, same in checks.items():
+            if not same(engine):
+                raise ValueError(f"Run {r} differs from run 0 in {what}, so they cannot share "
+                                 "one compiled program: run them apart (--no-pack).")

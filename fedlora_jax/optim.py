@@ -28,8 +28,10 @@ class OptimizerConfig:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}.")
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    lr = cfg.learning_rate
+def make_optimizer(cfg: OptimizerConfig, learning_rate=None) -> optax.GradientTransformation:
+    """The optimizer of ``cfg``; ``learning_rate`` replaces its rate, e.g. by a traced per-run
+    rate (packed runs: :class:`fedlora_jax.engine.PackedEngine`)."""
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
     opt = {
         "sgd": lambda: optax.sgd(lr),
         "momentum": lambda: optax.sgd(lr, momentum=cfg.momentum),

@@ -49,7 +49,14 @@ EXAMPLE = textwrap.dedent("""\
     best setting on --seeds and scored on the test split. Evaluation runs every round unless
     --set eval_every=N says otherwise (time to target is read at evaluations). Runs finished
     before in OUTPUT_DIR with the same settings are reused, so an interrupted comparison
-    continues where it stopped; delete a run's folder to redo it.""")
+    continues where it stopped; delete a run's folder to redo it.
+
+    Packing: runs that differ only in seed, learning rates, network and a strategy of the same
+    aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
+    its own folder, and its results equal its run alone's up to float round-off). fixed,
+    fedit, fslora and adaptive share FSLoRA's rule and pack together; hetlora, flexlora, flora
+    and ffa (its own model change) pack only with runs of the same strategy; fedsa
+    (personalized) never packs. --no-pack trains every run on its own.""")
 
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
@@ -102,6 +109,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, help="target test accuracy (default: 90%% of the best "
                                                 "validation accuracy of the tuning stage)")
     p.add_argument("--show-seeds", action="store_true", help="also draw each seed's curve")
+    p.add_argument("--no-pack", action="store_true",
+                   help="train every run on its own (default: packed, see below)")
     p.set_defaults(func=main)
 
 
@@ -287,21 +296,27 @@ def finished_run(cfg) -> list[dict] | None:
     return rows if rows and rows[-1].get("round") == cfg.federation.rounds else None
 
 
-def run_configs(cfgs: dict[tuple, object], jsonl: Path, log=print) -> dict[tuple, list[dict]]:
-    """Trains (or reuses) every config; ``jsonl`` gets every row tagged with its key's fields."""
-    from fedlora_jax.train import train
+def run_configs(cfgs: dict[tuple, object], jsonl: Path, log=print, pack: bool = True
+                ) -> dict[tuple, list[dict]]:
+    """Trains (or reuses) every config, as packs where they allow
+    (:func:`fedlora_jax.train.train_all`); ``jsonl`` gets every row tagged with its key's
+    fields."""
+    from fedlora_jax.train import train_all
 
-    results = {}
+    results = {key: finished_run(cfg) for key, cfg in cfgs.items()}
+    for key, rows in results.items():
+        if rows:
+            log(f"compare: {cfgs[key].output_dir} (finished before: reused)")
+    todo = [key for key, rows in results.items() if not rows]
+    trained = train_all([cfgs[key] for key in todo], pack=pack,
+                        log=lambda line: log(f"compare: {line}"))
+    results.update(zip(todo, trained))
     with open(jsonl, "w") as f:
         for key, cfg in cfgs.items():
-            rows = finished_run(cfg)
-            log(f"compare: {cfg.output_dir}" + (" (finished before: reused)" if rows else ""))
-            rows = rows or train(cfg, progress="none", log=lambda *_: None, overwrite=True)
-            results[key] = rows
             tag = {"strategy": cfg.strategy, "seed": cfg.federation.seed,
                    "client_lr": cfg.client_optimizer.learning_rate,
                    "server_lr": cfg.server_optimizer.learning_rate}
-            f.writelines(json.dumps({**tag, **row}) + "\n" for row in rows)
+            f.writelines(json.dumps({**tag, **row}) + "\n" for row in results[key])
     return results
 
 
@@ -364,13 +379,14 @@ def plan_protocol(args) -> Protocol:
     return Protocol(names, seeds, tune_seeds, grids, config)
 
 
-def tune(protocol: Protocol, out: Path, budget: float | None
+def tune(protocol: Protocol, out: Path, budget: float | None, pack: bool = True
          ) -> tuple[dict[str, Setting], float, float]:
     """The tuning stage (validation split only): each strategy's chosen setting, the stage's
     budget and the best validation accuracy reached within it; writes ``tuning.*``."""
     keys = [(name, s, seed) for name in protocol.names for s in protocol.grids[name]
             for seed in protocol.tune_seeds]
-    done = run_configs({k: protocol.config(*k, "validation") for k in keys}, out / "tuning.jsonl")
+    done = run_configs({k: protocol.config(*k, "validation") for k in keys}, out / "tuning.jsonl",
+                       pack=pack)
     trials: dict = {name: {} for name in protocol.names}
     for (name, setting, seed), rows in done.items():
         trials[name].setdefault(setting, {})[seed] = rows
@@ -383,12 +399,14 @@ def tune(protocol: Protocol, out: Path, budget: float | None
 
 
 def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target: float,
-           budget: float | None, reference: str, show_seeds: bool) -> tuple[float, list[str]]:
+           budget: float | None, reference: str, show_seeds: bool, pack: bool = True
+           ) -> tuple[float, list[str]]:
     """The reporting stage (test split): runs each chosen setting on the seeds, writes the
     summary and paired tables and the figures; returns the budget and the tables written."""
     # seed by seed, so an interrupted comparison leaves whole seeds to report (--seeds 0-K)
     keys = [(name, chosen[name], seed) for seed in protocol.seeds for name in protocol.names]
-    done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl")
+    done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl",
+                       pack=pack)
     runs: Runs = {name: {} for name in protocol.names}
     for (name, _, seed), rows in done.items():
         runs[name][seed] = rows
@@ -410,10 +428,11 @@ def main(args) -> int:
     protocol = plan_protocol(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chosen, tune_budget, best = tune(protocol, out, args.budget)
+    chosen, tune_budget, best = tune(protocol, out, args.budget, pack=not args.no_pack)
     target = 0.9 * best if args.target is None else args.target
     budget, tables = report(protocol, chosen, out, target=target, budget=args.budget,
-                            reference=args.reference, show_seeds=args.show_seeds)
+                            reference=args.reference, show_seeds=args.show_seeds,
+                            pack=not args.no_pack)
     (out / "protocol.json").write_text(json.dumps(
         {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
          "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,
