@@ -2,7 +2,7 @@
 # Regenerates the protocol results of docs/results.md: each experiment runs `fedlora-jax compare`
 # into runs/ (reusing finished runs) and copies its tables, figures and raw metrics to docs/results/protocol_NAME.
 #   bash docs/results/regenerate.sh            # every experiment
-#   bash docs/results/regenerate.sh tiny_adamw # one of them
+#   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, tiny_adamw, tiny_sgd)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code
@@ -12,6 +12,9 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 STRATEGIES=adaptive,fedit,fslora,hetlora,flexlora,ffa
 TINY=(--preset tiny --rounds 30 --seeds 0-19 --tune-seeds 1000 --strategies "$STRATEGIES"
       --set data.synthetic_per_client=100 --set data.heldout_fraction=0.3 --set checkpoint_every=0)
+
+MINILM=(--rounds 20 --seeds 0-4 --tune-seeds 1000 --strategies "$STRATEGIES"
+        --set eval_every=2 --set checkpoint_every=0 --lr-grid 1.5e-3,5e-3,1.5e-2)
 
 experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/results/NAME
   local name=$1 start=$SECONDS; shift
@@ -28,6 +31,9 @@ experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/res
 
 SELECTED=("$@")
 want() { [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]; }
+if want minilm; then
+  experiment minilm "${MINILM[@]}"
+fi
 if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
 fi
