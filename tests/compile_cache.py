@@ -11,7 +11,9 @@ from pathlib import Path
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-DIRECTORY = str(Path(tempfile.gettempdir()) / "fedlora_jax_test_xla_cache")
+# One directory per pytest-xdist worker: two processes never write the same cache entry.
+DIRECTORY = str(Path(tempfile.gettempdir())
+                / f"fedlora_jax_test_xla_cache{os.environ.get('PYTEST_XDIST_WORKER', '')}")
 ENV = {"JAX_COMPILATION_CACHE_DIR": DIRECTORY,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
