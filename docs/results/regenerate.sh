@@ -14,7 +14,7 @@ TINY=(--preset tiny --rounds 30 --seeds 0-19 --tune-seeds 1000 --strategies "$ST
       --set data.synthetic_per_client=100 --set data.heldout_fraction=0.3 --set checkpoint_every=0)
 
 MINILM=(--rounds 20 --seeds 0-4 --tune-seeds 1000 --strategies "$STRATEGIES"
-        --set eval_every=2 --set checkpoint_every=0 --lr-grid 1.5e-3,5e-3,1.5e-2)
+        --set eval_every=2 --set checkpoint_every=0 --lr-grid 1.5e-3,5e-3,1.5e-2,4.5e-2)
 
 experiment() {  # NAME ARGS...: one comparison, then its artefacts into docs/results/NAME
   local name=$1 start=$SECONDS; shift
