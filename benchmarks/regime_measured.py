@@ -89,6 +89,14 @@ def plan(rows_by_seed: dict[int, list[dict]]) -> dict:
     return {k: float(np.mean([r[k] for r in rounds])) for k in keys if k in rounds[0]}
 
 
+def rounds_to(rows_by_seed: dict[int, list[dict]], target: float) -> float | None:
+    """Median over seeds of the rounds to the target in the whole run (None: most missed):
+    with the round time, what a wall-clock time is made of."""
+    rounds = np.median([stats.first_crossing(*compare.curve(rows, "round"), target)
+                        for rows in rows_by_seed.values()])
+    return float(rounds) if np.isfinite(rounds) else None
+
+
 def estimates(rows_by_seed: dict[int, list[dict]]) -> tuple[float, float]:
     """(``G_n^2`` mean, ``|g|^2``): median over seeds of the last logged estimates."""
     last = [[r for r in rows if "est_signal" in r][-1] for rows in rows_by_seed.values()]
@@ -99,7 +107,7 @@ def estimates(rows_by_seed: dict[int, list[dict]]) -> tuple[float, float]:
 def measured(out: Path) -> dict:
     """The measured side of a cell from its finished comparison: target, budget, the best
     baseline, ``adaptive / best`` paired time ratio (CI) and share faster, every baseline's
-    ratio, and each strategy's per-round plan."""
+    ratio, and each strategy's per-round plan and rounds to target."""
     protocol = json.loads((out / "protocol.json").read_text())
     runs = read_runs(out)
     times = compare.censored_times(runs, protocol["target"], protocol["budget_s"])
@@ -116,6 +124,8 @@ def measured(out: Path) -> dict:
             "ratios": {b: {"ratio": p.ratio._asdict(), "faster": p.faster, "ties": p.ties}
                        for b, p in pairs.items()},
             "plans": {n: plan(by_seed) for n, by_seed in runs.items()},
+            "rounds_to_target": {n: rounds_to(by_seed, protocol["target"])
+                                 for n, by_seed in runs.items()},
             "adaptive_estimates": dict(zip(("g2", "signal"), estimates(runs[REFERENCE])))}
 
 

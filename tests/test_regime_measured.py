@@ -70,6 +70,9 @@ def test_measured_side_of_a_cell_on_known_runs(tmp_path):
     assert side["plans"]["adaptive"] == {"participants": 4.0, "expected_participants": 6.0,
                                          "mean_rank": 4.0, "round_total_s": 2.0}
     assert "expected_participants" not in side["plans"]["fedit"]
+    # rounds to 0.6 per seed: adaptive 1, 2; fedit 2, never; fslora 4, 1; hetlora 1, 1
+    assert side["rounds_to_target"] == {"adaptive": 1.5, "fedit": None, "fslora": 2.5,
+                                        "hetlora": 1.0}
     assert side["adaptive_estimates"] == {"g2": 0.5, "signal": pytest.approx(0.2)}
 
 
