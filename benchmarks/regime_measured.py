@@ -146,6 +146,25 @@ def export(out: Path, dst: Path) -> None:
             shutil.copyfileobj(src, f)
 
 
+def table(rows: list[dict]) -> str:
+    """The cells as a markdown table: predicted speedup, measured ratio, and the plans."""
+    lines = ["| cell | predicted speedup (own estimates) | best baseline | measured ratio "
+             "adaptive / best [95% CI] | adaptive faster (ties) | adaptive: expected "
+             "participants, mean rank, round (s) | best: rank, round (s) | rounds to target "
+             "(adaptive, best) |", "|" + "---|" * 8]
+    for row in rows:
+        m = row["measured"]
+        a, b = m["plans"][REFERENCE], m["plans"][m["best_baseline"]]
+        rounds = [m["rounds_to_target"].get(n) for n in (REFERENCE, m["best_baseline"])]
+        lines.append(
+            f"| {row['cell']} | {row['predicted']:.2f} ({row['predicted_own_estimates']:.2f}) "
+            f"| {m['best_baseline']} | {stats.Interval(**m['ratio'])} | {m['faster']:.2f} "
+            f"({m['ties']:.2f}) | {a['expected_participants']:.3g}, {a['mean_rank']:.3g}, "
+            f"{a['round_total_s']:.3g} | {b['mean_rank']:.3g}, {b['round_total_s']:.3g} | "
+            + ", ".join("-" if r is None else f"{r:g}" for r in rounds) + " |")
+    return "\n".join(lines)
+
+
 def draw(rows: list[dict], path: Path) -> Path:
     """Measured against predicted speedup per cell (log axes): a point on the diagonal is a
     prediction that holds, one in the shaded half a cell where ``adaptive`` is slower."""
@@ -232,6 +251,7 @@ def main(argv=None) -> None:
         (out / "measured.json").write_text(json.dumps(
             {"draws": args.draws, "map_g2": regime_map.G2, "map_signal": regime_map.SIGNAL,
              "cells": rows}, indent=1))  # after every cell: an interrupted sweep keeps its rows
+    print(table(rows))
     print(f"wrote {draw(rows, out / 'measured.png')} and measured.json")
 
 

@@ -74,6 +74,10 @@ def test_measured_side_of_a_cell_on_known_runs(tmp_path):
     assert side["rounds_to_target"] == {"adaptive": 1.5, "fedit": None, "fslora": 2.5,
                                         "hetlora": 1.0}
     assert side["adaptive_estimates"] == {"g2": 0.5, "signal": pytest.approx(0.2)}
+    line = regime_measured.table([{"cell": "c", "predicted": 2.0, "predicted_own_estimates": 1.5,
+                                   "measured": side}]).splitlines()[-1]
+    assert line.startswith("| c | 2.00 (1.50) | hetlora | 1.414 [") and line.endswith(
+        "| 0.00 (0.50) | 6, 4, 2 | 4, 2 | 1.5, 1 |")
 
 
 @pytest.mark.slow  # 16 runs of 4 strategies: a minute or more of compiling on 2 cores
