@@ -174,6 +174,8 @@ def draw(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     values = [1.0]
+    by_height = np.argsort([1.0 / row["measured"]["ratio"]["mean"] for row in rows])
+    above = {int(i): k % 2 == 1 for k, i in enumerate(by_height)}  # neighbours' labels apart
     for i, row in enumerate(rows):
         ratio = row["measured"]["ratio"]
         y = 1.0 / ratio["mean"]  # speedup = best baseline's time / adaptive's
@@ -182,19 +184,20 @@ def draw(rows: list[dict], path: Path) -> Path:
         ax.errorbar(x, y, yerr=err, fmt="o", color=f"C{i}", capsize=4)
         ax.plot([x, x_own], [y, y], color=f"C{i}", lw=1, ls=":")
         ax.plot(x_own, y, marker="o", mfc="none", color=f"C{i}", ls="none")
-        ax.annotate(f"{row['cell']}: {x:.2g}x predicted,\n{y:.2g}x measured "
-                    f"(vs {row['measured']['best_baseline']})", (x, y), xytext=(6, 4),
-                    textcoords="offset points", fontsize=8, color=f"C{i}")
+        ax.annotate(f"{row['cell']}: {x:.2g}x -> {y:.2g}x (vs {row['measured']['best_baseline']})",
+                    (x, y), xytext=(7, 5 if above[i] else -11), textcoords="offset points",
+                    fontsize=8, color=f"C{i}")
         values += [x, x_own, 1.0 / ratio["high"], 1.0 / ratio["low"]]
     lo, hi = min(values) / 1.5, max(values) * 1.5
-    ax.plot([lo, 2 * hi], [lo, 2 * hi], color="gray", lw=1, label="measured = predicted")
+    ax.plot([lo, 3 * hi], [lo, 3 * hi], color="gray", lw=1, label="measured = predicted")
     ax.axhspan(lo, 1.0, color="red", alpha=0.06, label="adaptive slower than the best baseline")
     ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16) if t >= lo]
-    ax.set(xscale="log", yscale="log", xlim=(lo, 2 * hi), ylim=(lo, hi),  # room for the labels
-           xlabel="predicted speedup (solver's model; hollow: with the run's own estimates)",
+    ax.set(xscale="log", yscale="log", xlim=(lo, 3 * hi), ylim=(lo, hi),  # room for the labels
+           xlabel="predicted speedup (solver's model; hollow: with the run's own estimates)\n"
+                  "labels: cell: predicted -> measured",
            ylabel="measured speedup: best baseline's time / adaptive's\n"
                   "(time to target, paired seeds, 95% CI)")
-    for axis, top in ((ax.xaxis, 2 * hi), (ax.yaxis, hi)):
+    for axis, top in ((ax.xaxis, 3 * hi), (ax.yaxis, hi)):
         shown = [t for t in ticks if t <= top]
         axis.set_ticks(shown, [f"{t:g}x" for t in shown])
         axis.set_minor_locator(matplotlib.ticker.NullLocator())
