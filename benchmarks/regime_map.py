@@ -10,7 +10,7 @@ predicted speedup is ``min_b J(b) / J(q*, rho*)`` over its fixed baselines ``b``
 full rank = FedIT's allocation, uniform ``q`` at the fixed sketch ratio = FSLoRA's, everyone at
 full rank). The cell shows the median over draws. The solver never returns a plan worse than the
 baselines, so every predicted speedup is >= 1; whether it holds in training is what the measured
-points (``fedlora-jax compare``) check.
+points check (``benchmarks/regime_measured.py``: ``fedlora-jax compare`` at a few cells).
 
 The run being modelled is a preset (``--preset``, default ``tiny``): its workload, data weights,
 per-round overhead and client optimizer law. ``G_n^2`` (the same for every client) and the signal
