@@ -10,7 +10,7 @@ predicted speedup is ``min_b J(b) / J(q*, rho*)`` over its fixed baselines ``b``
 full rank = FedIT's allocation, uniform ``q`` at the fixed sketch ratio = FSLoRA's, everyone at
 full rank). The cell shows the median over draws. The solver never returns a plan worse than the
 baselines, so every predicted speedup is >= 1; whether it holds in training is what the measured
-points (``fedlora-jax compare``) check.
+points check (``benchmarks/regime_measured.py``: ``fedlora-jax compare`` at a few cells).
 
 The run being modelled is a preset (``--preset``, default ``tiny``): its workload, data weights,
 per-round overhead and client optimizer law. ``G_n^2`` (the same for every client) and the signal
@@ -91,17 +91,23 @@ QUICK = {"bandwidth_x_compute_spread": ([1e6, 10e6], [0.0, 1.0]),
          "payload_x_compute_spread": ([1.0, 16.0], [0.5])}
 
 
+def cell(point: dict) -> tuple[wireless.SystemConfig, int, float]:
+    """A map cell ``{setting: value}`` as (system, number of clients, payload factor): the
+    ``SystemConfig`` fields it names over the defaults, ``num_clients`` (default 16, the tiny
+    preset's) and ``payload`` (default 1)."""
+    point = dict(point)
+    n = int(point.pop("num_clients", 16))
+    payload = float(point.pop("payload", 1.0))
+    return dataclasses.replace(wireless.SystemConfig(), **point), n, payload
+
+
 def sweep(model: Model, name: str, xs, ys, draws: int, g2: float, signal: float) -> np.ndarray:
     """(len(ys), len(xs), draws) predicted speedups of one map."""
     x_key, _, y_key, _ = MAPS[name]
     out = np.empty((len(ys), len(xs), draws))
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            point = {x_key: x, y_key: y}
-            n = int(point.pop("num_clients", 16))
-            payload = float(point.pop("payload", 1.0))
-            system = dataclasses.replace(wireless.SystemConfig(), **point)
-            out[i, j] = predicted_speedups(model, system, n, payload, draws, g2, signal)
+            out[i, j] = predicted_speedups(model, *cell({x_key: x, y_key: y}), draws, g2, signal)
     return out
 
 
