@@ -76,6 +76,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--clients", type=int, nargs="+", metavar="N",
+                   help="only single solves of these client counts (e.g. --clients 100000)")
     p.add_argument("--sweep", type=int, nargs=3, metavar=("FIRST", "LAST", "STEP"),
                    help="only solve every client count in range(FIRST, LAST + 1, STEP) and print the "
                         "number of compilations")
@@ -87,7 +89,9 @@ def main() -> None:
             jax.block_until_ready(solver.solve_problem(_problem(jax.random.key(n), n), jax.random.key(0), cfg).q)
         print(f"compilations for {len(sizes)} client counts in {args.sweep}: {solver.compile_count()}")
         return
-    if args.quick:
+    if args.clients:
+        plan = [(n, 1, False) for n in args.clients]
+    elif args.quick:
         plan = [(100, 1, True), (1000, 1, False), (10_000, 1, False), (100_000, 1, False), (100, 10, False),
                 (1000, 100, False)]
     else:

@@ -17,7 +17,8 @@ slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and rand
 for up to ``multistart_max_clients`` clients; above, from the best of the non-random starts alone. ``rho`` is
 then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
 returned worse than the baselines. Clients are padded to a few bucket sizes, so a sweep over the
-client count compiles once per bucket; the bandwidth and the round cost are traced values.
+client count compiles once per bucket; the bandwidth, the round cost and the box (rank, bounds,
+baselines: :class:`Box`) are traced values.
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ class SolverConfig:
     def fixed_ratio(self) -> float:
         """The fixed-ratio baseline's ``rho``: ``baseline_rho``, or the grid point nearest 1/4."""
         return max(1, round(self.rank / 4)) / self.rank if self.baseline_rho is None else self.baseline_rho
+
+    def box(self) -> Box:
+        """The bounds and baselines, as the traced :class:`Box` the jitted solver takes."""
+        return Box(rank=self.rank, q_min=self.q_min, baseline_q=max(self.baseline_q, self.q_min),
+                   fixed_ratio=self.fixed_ratio)
+
+    def numerics(self) -> SolverConfig:
+        """The static part, the jitted solver's cache key: the box and the seed set to one
+        canonical value, so configs that differ only there share one compilation."""
+        return dataclasses.replace(self, rank=1, q_min=1.0, baseline_q=1.0, baseline_rho=1.0, seed=0)
+
+
+@struct.dataclass
+class Box:
+    """Bounds ``q in [q_min, 1]``, ``rho = k / rank`` in ``[1/rank, 1]``, and the baselines'
+    ``q`` and ``rho``: traced values (Python scalars stay weakly typed)."""
+
+    rank: int | jax.Array
+    q_min: float | jax.Array
+    baseline_q: float | jax.Array
+    fixed_ratio: float | jax.Array
 
 
 @struct.dataclass
@@ -315,13 +337,13 @@ def round_rho(rho: jax.Array, rank: int) -> jax.Array:
     return jnp.clip(jnp.round(rho * rank), 1, rank).astype(jnp.int32)
 
 
-def _baselines(n: int, cfg: SolverConfig, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
-    q = jnp.full(n, max(cfg.baseline_q, cfg.q_min), dtype)
+def _baselines(n: int, box: Box, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
+    q = jnp.full(n, box.baseline_q, dtype)
     one = jnp.ones(n, dtype)
-    return {"uniform": (q, one), "fixed_ratio": (q, jnp.full(n, cfg.fixed_ratio, dtype)), "full": (one, one)}
+    return {"uniform": (q, one), "fixed_ratio": (q, jnp.full(n, box.fixed_ratio, dtype)), "full": (one, one)}
 
 
-def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
+def _structured_starts(problem: Problem, box: Box) -> jax.Array:
     """Starts from the problem's structure, ``(8, 2, N)`` in ``(log q, log rho)``: everyone at
     ``q = 1`` or at ``q_min`` (which is which depends on the round cost), each with four sketch
     patterns: the slow clients sketched down to the floor of the fastest quarter (or half) of the
@@ -330,7 +352,7 @@ def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
     floor0, floor1 = problem.clients.times(0.0).floor, problem.clients.times(1.0).floor
     ordered = jnp.sort(jnp.where(problem.valid, floor1, jnp.inf))
     count = problem.valid.sum()
-    rho_min = 1.0 / cfg.rank
+    rho_min = 1.0 / box.rank
 
     def sketch_to(frac):
         tau = ordered[jnp.floor(frac * (count - 1)).astype(jnp.int32)]
@@ -338,27 +360,27 @@ def _structured_starts(problem: Problem, cfg: SolverConfig) -> jax.Array:
 
     rhos = jnp.log(jnp.stack([sketch_to(0.25), sketch_to(0.5), jnp.full_like(floor0, rho_min),
                               jnp.ones_like(floor0)]))
-    log_q = jnp.log(jnp.asarray([1.0, cfg.q_min], rhos.dtype))
+    log_q = jnp.log(jnp.stack([1.0, box.q_min]).astype(rhos.dtype))
     return jnp.stack([jnp.stack([jnp.full_like(r, lq), r]) for lq in log_q for r in rhos])
 
 
-def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
+def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig) -> SolveResult:
     n, dtype = problem.num_clients, problem.a.dtype
     cfg = cfg.for_clients(n)
     f = _log_objective(problem, cfg)
     pinned = ~problem.valid  # padding: held at q = rho = 1 (its terms are masked out)
-    lo = jnp.where(pinned, 0.0, jnp.log(jnp.stack([jnp.full(n, cfg.q_min, dtype), jnp.full(n, 1.0 / cfg.rank, dtype)])))
+    lo = jnp.where(pinned, 0.0, jnp.log(jnp.stack([jnp.full(n, box.q_min, dtype), jnp.full(n, 1.0 / box.rank, dtype)])))
     hi = jnp.zeros((2, n), dtype)
-    base = _baselines(n, cfg, dtype)
+    base = _baselines(n, box, dtype)
     base_x = jnp.stack([jnp.log(jnp.stack(qr)) for qr in base.values()])
-    starts = jnp.concatenate([base_x, _structured_starts(problem, cfg)])
+    starts = jnp.concatenate([base_x, _structured_starts(problem, box)])
     large = n > cfg.multistart_max_clients
     if large:  # one descent, from the best start
         screened = jax.lax.map(f, starts)
         starts = starts[jnp.argmin(screened)][None]
     else:
         starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
-    on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), cfg.rank) / cfg.rank))
+    on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), box.rank) / box.rank))
 
     # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
     # re-optimizes q alone (rho's bounds pinned). One loop, so the descent is compiled once.
@@ -383,17 +405,17 @@ def _solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> Solve
     rounds = jax.vmap(lambda x: predicted_rounds(problem, jnp.exp(x[0]), jnp.exp(x[1])))(candidates)
     terms = {"objective": jnp.exp(log_j), "expected_round_time": jnp.exp(log_j) / rounds, "predicted_rounds": rounds}
     best = jnp.argmin(log_j)
-    q, k = jnp.exp(candidates[best, 0]), round_rho(jnp.exp(candidates[best, 1]), cfg.rank)
+    q, k = jnp.exp(candidates[best, 0]), round_rho(jnp.exp(candidates[best, 1]), box.rank)
     baselines = {name: jax.tree.map(lambda v: v[i + 1], terms) for i, name in enumerate(base)}
-    return SolveResult(q=q, rho=(k / cfg.rank).astype(dtype), k=k, baselines=baselines,
+    return SolveResult(q=q, rho=(k / box.rank).astype(dtype), k=k, baselines=baselines,
                        **jax.tree.map(lambda v: v[best], terms))
 
 
 _solve_jit = jax.jit(_solve_problem, static_argnames="cfg")
 
 
-def _solve_scenarios(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
-    return jax.lax.map(lambda pk: _solve_problem(*pk, cfg), (problems, keys))
+def _solve_scenarios(problems: Problem, keys: jax.Array, box: Box, cfg: SolverConfig) -> SolveResult:
+    return jax.lax.map(lambda pk: _solve_problem(*pk, box, cfg), (problems, keys))
 
 
 _solve_batch_jit = jax.jit(_solve_scenarios, static_argnames="cfg")
@@ -403,14 +425,16 @@ def _unpad(result: SolveResult, n: int) -> SolveResult:
     return result.replace(q=result.q[..., :n], rho=result.rho[..., :n], k=result.k[..., :n])
 
 
-def solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig) -> SolveResult:
-    """Solve one scenario. The clients are padded to :func:`bucket_size` first, so the jitted
-    solver compiles once per bucket (and ``cfg``), not once per client count or bandwidth."""
+def solve_problem(problem: Problem, key: jax.Array, cfg: SolverConfig, *, min_clients: int = 0) -> SolveResult:
+    """Solve one scenario. The clients are padded to :func:`bucket_size` (of at least
+    ``min_clients``: one compilation can serve several sizes) first, so the jitted solver compiles
+    once per bucket and numerics, not once per client count, bandwidth, rank or bound."""
     n = problem.num_clients
-    return _unpad(_solve_jit(pad_problem(problem, bucket_size(n)), key, cfg), n)
+    padded = pad_problem(problem, bucket_size(max(n, min_clients)))
+    return _unpad(_solve_jit(padded, key, cfg.box(), cfg.numerics()), n)
 
 
-def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveResult:
+def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig, *, min_clients: int = 0) -> SolveResult:
     """Solve many scenarios in one call: ``problems`` and ``keys`` carry a leading scenario axis.
 
     The scenarios run one after another (``lax.map``), each exactly as :func:`solve_problem` would
@@ -421,7 +445,8 @@ def solve_batch(problems: Problem, keys: jax.Array, cfg: SolverConfig) -> SolveR
     """
     chex.assert_tree_shape_prefix((problems, keys), keys.shape[:1])
     n = problems.num_clients
-    return _unpad(_solve_batch_jit(pad_problem(problems, bucket_size(n)), keys, cfg), n)
+    padded = pad_problem(problems, bucket_size(max(n, min_clients)))
+    return _unpad(_solve_batch_jit(padded, keys, cfg.box(), cfg.numerics()), n)
 
 
 def compile_count() -> int:

@@ -471,10 +471,11 @@ def _log_snr_from_logit(t: jax.Array, newton_steps: int = 1) -> jax.Array:
 
     Differentiable: the table's slope is ``dw/dt`` to < 1e-7, and the Newton steps refine it.
     """
-    def newton(_, w):
+    w = _log_snr_table(t)
+    for _ in range(newton_steps):  # 0 or 1 in practice: nothing to loop over
         f, df = jax.jvp(_logit_h, (w,), (jnp.ones_like(w),))
-        return w - (f - t) / df
-    return jax.lax.fori_loop(0, newton_steps, newton, _log_snr_table(t))
+        w = w - (f - t) / df
+    return w
 
 
 def upload_excess(times: ClientTimes, bandwidth: jax.Array) -> jax.Array:
@@ -519,7 +520,8 @@ def regula_falsi_decreasing(fn: Callable[[jax.Array], jax.Array], lo: jax.Array,
     """Root of a decreasing scalar ``fn`` on ``[lo, hi]`` by Illinois regula falsi: the same
     contract as :func:`bisect_decreasing`, superlinear on smooth ``fn`` (10 steps where bisection
     needs 30)."""
-    lo, hi, f_lo, f_hi = _illinois(fn, lo, hi, fn(lo), fn(hi), iters)
+    f_lo, f_hi = jax.vmap(fn)(jnp.stack([lo, hi]))  # one copy of fn for both ends
+    lo, hi, f_lo, f_hi = _illinois(fn, lo, hi, f_lo, f_hi, iters)
     x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
     return jnp.where((x >= lo) & (x <= hi), x, 0.5 * (lo + hi))  # a flat fn (one client): the middle
 
@@ -725,15 +727,13 @@ def _demand(times: ClientTimes, bandwidth_hz, tau: jax.Array, newton_steps: int)
 def _cdf_parts(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tau: jax.Array,
                newton_steps: int, exact: jax.Array) -> _CdfParts:
     is_exact = jnp.zeros(q.shape, bool).at[exact].set(True)
-    b = _demand(times, bandwidth_hz, tau, newton_steps)
-    feasible = b <= 1.0  # a client that alone overflows the band must be absent: exact
-    normal = feasible & ~is_exact
-    b = jnp.where(normal, b, 0.0)
+    demand = _demand(times, bandwidth_hz, tau, newton_steps)
+    feasible = demand <= 1.0  # a client that alone overflows the band must be absent: exact
+    b = jnp.where(feasible & ~is_exact, demand, 0.0)
     must_absent = jnp.where(feasible | is_exact, 0.0, q)
     mean = jnp.sum(q * b)
     sd = jnp.sqrt(jnp.sum(q * (1.0 - q) * b * b) + 1e-12)
-    top_b = _demand(jax.tree.map(lambda x: x[exact], times), bandwidth_hz, tau, newton_steps)
-    top_q = q[exact]
+    top_b, top_q = demand[exact], q[exact]  # the exact clients' demands, from the same pass
     present = (jnp.arange(2 ** exact.shape[0])[:, None] >> jnp.arange(exact.shape[0])) & 1 == 1
     weight = jnp.prod(jnp.where(present, top_q, 1.0 - top_q), axis=1)
     taken = jnp.sum(jnp.where(present, top_b, 0.0), axis=1)
@@ -819,7 +819,7 @@ def _support(times: ClientTimes, q: jax.Array, bandwidth_hz: float, tail: float,
     odds = lambda s: jnp.clip(_cdf_log_odds(times, q, bandwidth_hz, lo + jnp.exp(s), exact),
                               -_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
     s_lo, s_hi = jnp.log(width) + jnp.log(jnp.finfo(width.dtype).eps), jnp.log(width)
-    o_lo, o_hi = odds(s_lo), odds(s_hi)
+    o_lo, o_hi = jax.vmap(odds)(jnp.stack([s_lo, s_hi]))  # one copy of the CDF for both ends
     levels = jnp.stack([p0 + tail, 1.0 - tail])
     target = jnp.log(levels) - jnp.log1p(-levels)
 
