@@ -127,7 +127,8 @@ class LoRALinear(nnx.Module):
         a, b, mask = self.lora_a[...], self.lora_b[...], self.sketch[...]
         if self.base.dtype is not None:  # the base layer's compute dtype (set_compute_dtype)
             z, a, b, mask = (v.astype(self.base.dtype) for v in (z, a, b, mask))
-        return self.base(x) + self.scaling * (((z @ a) * mask) @ b)
+        z = (z @ a) * mask
+        return self.base(x) + self.scaling * (z @ b)
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> None:
