@@ -82,10 +82,11 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 ``n x n`` matmul rate of XLA on this machine: the ceiling for a local step."""
+def jax_matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured ``n x n`` matmul rate of XLA on this machine in ``dtype``: the ceiling for a local
+    step computing in it."""
     import jax
 
-    a = jax.random.normal(jax.random.key(0), (n, n))
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
     mm = jax.jit(lambda x: x @ x)
     return 2 * n ** 3 / best_time(lambda: mm(a), repeats) / 1e9

@@ -18,7 +18,7 @@ from fedlora_jax.client import split_model
 from fedlora_jax.data import partition as partition_lib
 from fedlora_jax.data.pool import ClientPool
 from fedlora_jax.engine import FederatedEngine
-from fedlora_jax.lora import apply_lora
+from fedlora_jax.lora import apply_lora, set_compute_dtype
 from fedlora_jax.tasks import get_loss
 
 PARAM_BITS = 32.0  # bits per adapter parameter sent, up or down (fp32)
@@ -162,6 +162,8 @@ def build(cfg: config_lib.RunConfig) -> Setup:
     heldout, owners = evaluation_split(cfg.data, cfg.federation.seed, heldout, owners)
     model, description = _model(cfg, task, len(labels), tokenizer.vocab_size)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.federation.seed + 1))
+    if cfg.model.compute_dtype != "float32":
+        set_compute_dtype(model, cfg.model.compute_dtype)
     strategy = strategies.strategy_of(cfg)
     strategy.adapt_model(model)
     pool = ClientPool.from_partition(train, clients)

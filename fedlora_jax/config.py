@@ -32,14 +32,23 @@ from fedlora_jax.wireless import SystemConfig
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """``source``: ``minilm`` (the embedded all-MiniLM-L6-v2 checkpoint), ``tiny`` (the built-in
-    random-init transformer) or the path of a local Hugging Face model directory."""
+    random-init transformer) or the path of a local Hugging Face model directory. ``dtype``: the
+    weights' storage (and so compute) dtype. ``compute_dtype``: ``bfloat16`` runs every dense
+    layer's matmul (LoRA's included) in bfloat16 while the weights, the adapters and the
+    optimizers' states stay float32 (:func:`fedlora_jax.lora.set_compute_dtype`)."""
 
     source: str = "minilm"
     dtype: str = "float32"
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
                 "be 'float32' or 'bfloat16'")
+        require(self.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+                self.compute_dtype, "be 'float32' or 'bfloat16'")
+        require(self.compute_dtype == "float32" or self.dtype == "float32", "model.compute_dtype",
+                self.compute_dtype, "keep float32 master weights: set model.dtype='float32' "
+                "(model.dtype='bfloat16' already stores and computes in bfloat16)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -303,6 +303,39 @@ def _one_client_shapes(rule: Rule, trainable: nnx.State, template: nnx.State, cl
     return jax.eval_shape(one_client, trainable, template, clients)
 
 
+def _train_chunks(chunk_step: Callable, carry: Carry, ids: np.ndarray, valid: np.ndarray,
+                  by_client: jax.sharding.Sharding) -> tuple[Carry, list[ClientReport], dict]:
+    """A round's chunks (``ids``, ``valid``: leading axis the chunk) through ``chunk_step(carry,
+    chunk)`` -> (the last carry, each chunk's report, the summed training metrics; ``{}`` for
+    no chunk). Reports stay on the device: no host sync between chunks."""
+    reports, metric_sums = [], {}
+    for chunk in zip(ids, valid):
+        carry, report, metrics = chunk_step(carry, jax.device_put(Chunk(*chunk), by_client))
+        reports.append(report)
+        metric_sums = _added(metric_sums, metrics) if metric_sums else metrics
+    return carry, reports, metric_sums
+
+
+def _zero_sums(shapes, lead: tuple[int, ...] = ()) -> Sums:
+    """Zero :class:`Sums` of the rule's ``reduce`` output ``shapes``, with leading axes ``lead``
+    (a pack's runs)."""
+    zeros = lambda shape, dtype: jnp.zeros(lead + shape, dtype)
+    return Sums(jax.tree.map(lambda s: zeros(s.shape, s.dtype), shapes), zeros((), jnp.float32))
+
+
+def _added(*trees):
+    """The trees' sum, leaf by leaf (metric totals over chunks or batches)."""
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees)
+
+
+def _scorer(parts: ModelParts, rule: Rule, loss_fn: LossFn) -> Callable:
+    """``(trainable, base, server, batch) -> metric sums`` of the model the rule evaluates on
+    (dropout off: ``parts.eval_graphdef``)."""
+    return lambda trainable, base, server, batch: loss_fn(
+        nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
+                  rule.base(base, server)), batch)[1]
+
+
 def _initial_state(optimizer, rule: Rule, trainable, weights, seed) -> ServerState:
     """Round 0: the global trainables, a fresh server optimizer and the rule's state."""
     return ServerState(trainable=trainable, opt_state=optimizer.init(trainable),
@@ -389,9 +422,7 @@ class FederatedEngine:
                                donate_argnames=("state",))
         self._clock = clock
         self._model = jax.jit(self.rule.model)
-        self._eval = jax.jit(lambda trainable, base, server, batch: loss_fn(
-            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
-                      self.rule.base(base, server)), batch)[1])
+        self._eval = jax.jit(_scorer(parts, self.rule, loss_fn))
 
     @property
     def num_clients(self) -> int:
@@ -434,8 +465,7 @@ class FederatedEngine:
 
     def _new_carry(self, state: ServerState) -> Carry:
         """Zero sums and the state's per-client rows: what the round's first chunk starts from."""
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._sum_shapes)
-        return Carry(sums=jax.device_put(Sums(zeros, jnp.float32(0.0)), self._replicated),
+        return Carry(sums=jax.device_put(_zero_sums(self._sum_shapes), self._replicated),
                      clients=state.agg.clients)
 
     def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -472,13 +502,9 @@ class FederatedEngine:
         participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
         ids, valid = self.pack(participants)
         shared = self._replicated_of(state, q_incl, k, train_key)
-        carry, reports, metric_sums = self._new_carry(state), [], {}
-        for chunk in zip(ids, valid):
-            carry, report, metrics = self._chunk(shared, carry,
-                                                 jax.device_put(Chunk(*chunk), self._by_client))
-            reports.append(report)  # stays on device: no host sync between chunks
-            metric_sums = (jax.tree.map(jnp.add, metric_sums, metrics) if metric_sums
-                           else metrics)
+        carry, reports, metric_sums = _train_chunks(functools.partial(self._chunk, shared),
+                                                    self._new_carry(state), ids, valid,
+                                                    self._by_client)
         times = ({"total": jnp.float32(0.0)} if self._clock is None
                  else self._clock(mask, shared.k))
         state = state.replace(key=key, agg=state.agg.replace(clients=carry.clients))
@@ -547,20 +573,15 @@ class FederatedEngine:
         owners = np.asarray(owners)
         if owners.shape != (next(iter(examples.values())).shape[0],):
             raise ValueError(f"owners has shape {owners.shape}: give one client per example.")
-        totals = None
-        for n in np.unique(owners):
-            trainable = self._model(state.trainable, state.agg, jnp.int32(n))
-            subset = {name: np.asarray(v)[owners == n] for name, v in examples.items()}
-            m = self._score(trainable, state, subset, batch_size)
-            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        return summarize(totals)
+        return summarize(_added(*(
+            self._score(self._model(state.trainable, state.agg, jnp.int32(n)), state,
+                        {name: np.asarray(v)[owners == n] for name, v in examples.items()},
+                        batch_size)
+            for n in np.unique(owners))))
 
     def _score(self, trainable: nnx.State, state: ServerState, examples: dict, batch_size: int):
-        totals = None
-        for batch in iterate_batches(examples, batch_size):
-            m = self._eval(trainable, self.parts.base, state.agg.server, batch)
-            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        return totals
+        return _added(*(self._eval(trainable, self.parts.base, state.agg.server, batch)
+                        for batch in iterate_batches(examples, batch_size)))
 
 
 # ------------------------------------------------------------------------------- packed runs
@@ -706,10 +727,8 @@ class PackedEngine:
         self._split = jax.jit(jax.vmap(lambda key: jax.random.split(key, 3)))
         self._sample = jax.jit(jax.vmap(sampling.SCHEMES[first.cfg.sampling]))
         self._model = jax.jit(jax.vmap(self.rule.model))
-        parts, loss_fn = first.parts, first.local.loss_fn
-        self._eval = jax.jit(jax.vmap(lambda trainable, base, server, batch: loss_fn(
-            nnx.merge(parts.eval_graphdef, trainable, parts.sketch, parts.rngs,
-                      self.rule.base(base, server)), batch)[1], in_axes=(0, base_axis, 0, 0)))
+        self._eval = jax.jit(jax.vmap(_scorer(first.parts, self.rule, first.local.loss_fn),
+                                      in_axes=(0, base_axis, 0, 0)))
 
     @property
     def num_runs(self) -> int:
@@ -745,17 +764,12 @@ class PackedEngine:
                             pool=self.pool, server=state.agg.server,
                             q=jax.device_put(q_incl, self._replicated),
                             k=jax.device_put(k, self._replicated), key=keys[:, 2])
-        zeros = jax.tree.map(lambda s: jnp.zeros((self.num_runs,) + s.shape, s.dtype),
-                             self.engines[0]._sum_shapes)
-        carry = Carry(sums=jax.device_put(Sums(zeros, jnp.zeros(self.num_runs, jnp.float32)),
-                                          self._replicated), clients=state.agg.clients)
-        reports, metric_sums = [], {}
-        for chunk in zip(ids, valid):
-            carry, report, metrics = self._chunk(self._rates["client"], shared, carry,
-                                                 jax.device_put(Chunk(*chunk), self._by_client))
-            reports.append(report)
-            metric_sums = (jax.tree.map(jnp.add, metric_sums, metrics) if metric_sums
-                           else metrics)
+        carry = Carry(sums=jax.device_put(_zero_sums(self.engines[0]._sum_shapes,
+                                                     (self.num_runs,)), self._replicated),
+                      clients=state.agg.clients)
+        carry, reports, metric_sums = _train_chunks(
+            functools.partial(self._chunk, self._rates["client"], shared), carry, ids, valid,
+            self._by_client)
         times = [{"total": jnp.float32(0.0)} if e._clock is None else e._clock(m, k_r)
                  for e, m, k_r in zip(self.engines, masks, shared.k)]
         state = state.replace(key=keys[:, 0], agg=state.agg.replace(clients=carry.clients))
@@ -797,11 +811,8 @@ class PackedEngine:
         """Every run's :meth:`FederatedEngine.evaluate` on its own held-out ``examples[r]``, in
         the same compiled calls (the runs' batches stacked by :func:`stacked_batches`)."""
         trainable = self._model(state.trainable, state.agg)
-        totals = None
-        for batch in stacked_batches(examples, batch_size):
-            m = self._eval(trainable, self.base, state.agg.server, batch)
-            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        totals = jax.device_get(totals)
+        totals = jax.device_get(_added(*(self._eval(trainable, self.base, state.agg.server, batch)
+                                         for batch in stacked_batches(examples, batch_size))))
         return [summarize(jax.tree.map(lambda x: x[r], totals)) for r in range(self.num_runs)]
 
 

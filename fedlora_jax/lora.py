@@ -124,8 +124,21 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         z = x if self.dropout is None else self.dropout(x)
-        z = (z @ self.lora_a[...]) * self.sketch[...]
-        return self.base(x) + self.scaling * (z @ self.lora_b[...])
+        a, b, mask = self.lora_a[...], self.lora_b[...], self.sketch[...]
+        if self.base.dtype is not None:  # the base layer's compute dtype (set_compute_dtype)
+            z, a, b, mask = (v.astype(self.base.dtype) for v in (z, a, b, mask))
+        z = (z @ a) * mask
+        return self.base(x) + self.scaling * (z @ b)
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> None:
+    """Mixed precision: every ``nnx.Linear`` of ``model`` (the heads' and the bases of its
+    :class:`LoRALinear` layers, whose ``A`` and ``B`` follow) computes in ``dtype`` while its
+    weights keep their own dtype, so gradients and optimizer states stay float32. Embeddings,
+    norms, residual sums and the loss keep the weights' dtype."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Linear):
+            module.dtype = jnp.dtype(dtype)
 
 
 def _retyped(var: nnx.Variable, kind: type[nnx.Variable]) -> nnx.Variable:

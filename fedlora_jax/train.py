@@ -68,7 +68,11 @@ class Interrupted(Exception):
 
 class Diverged(ValueError):
     """The training loss became non-finite or exceeded :data:`DIVERGED_FACTOR` times the
-    round-0 held-out loss."""
+    round-0 held-out loss; ``run`` is the run's index in its pack (0 alone)."""
+
+    def __init__(self, message: str, run: int = 0):
+        super().__init__(message)
+        self.run = run
 
 
 # A round whose mean training loss is non-finite or above this many times the round-0 held-out
@@ -109,37 +113,18 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     ``resume=True`` restores the newest checkpoint that verifies, truncates ``metrics.jsonl`` to
     its round and continues exactly as an uninterrupted run would. The rounds are
     :func:`run_step`, with evaluation, metrics, progress and checkpoints around it
-    (:func:`_loop`).
+    (:func:`_loop`, which drives the run as a pack of one).
     """
-    strategy = strategies.strategy_of(cfg)
-    cfg = strategies.configure(cfg, strategy)
-    out = Path(cfg.output_dir)
-    rundir.check_free(out, resume=resume, overwrite=overwrite)
-    saved = config_lib.to_dict(cfg)
-    changed = rundir.check_resume(out, saved) if resume else {}
-    setup = build(cfg)
+    (folder,) = _checked_folders([cfg], resume=resume, overwrite=overwrite)
+    setup = build(folder.cfg)
     log(f"model: {setup.description}; clients: {setup.engine.num_clients}; "
         f"held-out examples: {len(setup.heldout['input_ids'])}")
     log(f"classes: {_label_map(setup.label_names)}")
-    ctx = strategy_context(cfg, setup)
-    with rundir.lock(out):
-        rundir.check_contents(out, resume=resume, overwrite=overwrite)  # as it is now, locked
-        if overwrite:
-            rundir.clear(out)
-        with checkpoint.Checkpointer(out / rundir.CHECKPOINT_DIR) as checkpoints:
-            fresh = RunState(setup.engine.init(), strategies.init_estimates(ctx.num_clients),
-                             ctx.uniform())
-            state, history, elapsed = _start(setup, fresh, checkpoints, saved, changed,
-                                             resume=resume, log=log)
-            run = Run(setup, strategy, ctx, DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"]),
-                      log)
-            state = _loop(run, state, history, checkpoints, cfg, elapsed=elapsed,
-                          progress=progress)
-        (out / metrics_lib.ALLOCATION_FILE).write_text(
-            json.dumps(allocation_record(setup, state.plan, cfg.system)))
+    (history,), (run,), (state,) = _train_group([folder], Alone(setup), progress=progress,
+                                                log=log, resume=resume, overwrite=overwrite)
     log(summary(history))
-    log(plan_report.summary(ctx, state.plan, history,
-                            plan_report.last_planned(strategy, cfg.federation.rounds)))
+    log(plan_report.summary(run.ctx, state.plan, history,
+                            plan_report.last_planned(run.strategy, folder.cfg.federation.rounds)))
     return history
 
 
@@ -189,58 +174,13 @@ def train_packed(cfgs: list[config_lib.RunConfig], *, progress: str = "none", lo
     round for all. Progress shows the mean over the runs. A diverging run stops the pack,
     naming its folder; every other folder keeps its rows and checkpoints up to the last
     completed round."""
-    chosen = [strategies.strategy_of(cfg) for cfg in cfgs]
-    cfgs = [strategies.configure(cfg, s) for cfg, s in zip(cfgs, chosen)]
-    outs = [Path(cfg.output_dir) for cfg in cfgs]
-    if len({out.resolve() for out in outs}) < len(outs):
-        raise ValueError("Two runs of a pack have the same output_dir: give each its own.")
     if len({pack_key(cfg) for cfg in cfgs}) > 1:
         raise NotPackable("The runs differ in more than seeds, learning rates, plans and "
                           "network: group them by train.pack_key first.")
-    for out in outs:
-        rundir.check_free(out, resume=resume, overwrite=overwrite)
-    saved = [config_lib.to_dict(cfg) for cfg in cfgs]
-    changed = [rundir.check_resume(out, d) if resume else {} for out, d in zip(outs, saved)]
-    setups = [build(cfg) for cfg in cfgs]
-    try:
-        packed = PackedEngine([setup.engine for setup in setups])
-    except ValueError as e:
-        raise NotPackable(str(e)) from None
-    ctxs = [strategy_context(cfg, setup) for cfg, setup in zip(cfgs, setups)]
-    log(f"packed {len(cfgs)} runs: model {setups[0].description}; clients "
-        f"{packed.engines[0].num_clients}")
-    with contextlib.ExitStack() as stack:
-        for out in outs:
-            stack.enter_context(rundir.lock(out))
-        for out in outs:
-            rundir.check_contents(out, resume=resume, overwrite=overwrite)
-            if overwrite:
-                rundir.clear(out)
-        checkpoints = [stack.enter_context(checkpoint.Checkpointer(out / rundir.CHECKPOINT_DIR))
-                       for out in outs]
-        server = packed.init([cfg.federation.seed for cfg in cfgs])
-        scores = None if resume else packed.evaluate(server, [s.heldout for s in setups])
-        starts = [_start(setup, RunState(packed.run_state(server, i),
-                                         strategies.init_estimates(ctx.num_clients),
-                                         ctx.uniform()),
-                         checkpoints[i], saved[i], changed[i], resume=resume, log=log,
-                         scores=None if scores is None else prefixed(scores[i], "eval_"))
-                  for i, (setup, ctx) in enumerate(zip(setups, ctxs))]
-        states, histories, elapsed = (list(x) for x in zip(*starts))
-        if len({int(state.server.round) for state in states}) > 1:
-            raise ValueError("The runs' newest good checkpoints are of different rounds ("
-                             + ", ".join(f"{o}: {int(s.server.round)}" for o, s in
-                                         zip(outs, states))
-                             + "): resume them one by one (fedlora-jax run --resume).")
-        runs = [Run(setup, strategy, ctx, DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"]),
-                    log) for setup, strategy, ctx, history in zip(setups, chosen, ctxs, histories)]
-        states = _packed_loop(packed, runs, states, histories, checkpoints, cfgs,
-                              elapsed=elapsed, progress=progress)
-        for out, setup, state, cfg in zip(outs, setups, states, cfgs):
-            (out / metrics_lib.ALLOCATION_FILE).write_text(
-                json.dumps(allocation_record(setup, state.plan, cfg.system)))
-    for out, history in zip(outs, histories):
-        log(f"{out}: {summary(history)}")
+    folders = _checked_folders(cfgs, resume=resume, overwrite=overwrite)
+    setups = [build(folder.cfg) for folder in folders]
+    histories, *_ = _train_group(folders, _packed(setups), progress=progress, log=log,
+                                 resume=resume, overwrite=overwrite)
     return histories
 
 
@@ -251,9 +191,10 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
               ) -> list[list[dict]]:
     """Trains every config afresh (replacing what its folder holds) and returns each one's
     metrics rows, in order. With ``pack``, the configs of one :func:`pack_key` train as packs
-    of up to :data:`MAX_PACK` (:func:`train_packed`); a pack that cannot share a program after
-    all (:class:`NotPackable`), a lone config and ``pack=False`` train one by one
-    (:func:`train`). ``log`` gets one line per pack or run."""
+    of up to :data:`MAX_PACK` (:func:`train_packed`); a pack whose built runs cannot share a
+    program after all (:class:`NotPackable`: a personalized rule) trains one by one from the
+    runs already built; a lone config and ``pack=False`` train one by one (:func:`train`).
+    ``log`` gets one line per pack or run."""
     groups: dict = {}
     for i, cfg in enumerate(cfgs):
         groups.setdefault(pack_key(cfg) if pack else i, []).append(i)
@@ -262,114 +203,210 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
     for members in groups.values():
         for start in range(0, len(members), MAX_PACK):
             part = members[start:start + MAX_PACK]
-            if len(part) > 1:
-                log(f"{len(part)} runs packed into one program: "
-                    + ", ".join(cfgs[i].output_dir for i in part))
-                try:
-                    for i, rows in zip(part, train_packed([cfgs[i] for i in part], log=quiet,
-                                                          overwrite=True)):
-                        results[i] = rows
-                    continue
-                except NotPackable as e:
-                    log(f"not packed ({e}): one by one")
-            for i in part:
-                log(cfgs[i].output_dir)
-                results[i] = train(cfgs[i], progress="none", log=quiet, overwrite=True)
+            if len(part) == 1:
+                log(cfgs[part[0]].output_dir)
+                results[part[0]] = train(cfgs[part[0]], progress="none", log=quiet,
+                                         overwrite=True)
+                continue
+            log(f"{len(part)} runs packed into one program: "
+                + ", ".join(cfgs[i].output_dir for i in part))
+            folders = _checked_folders([cfgs[i] for i in part], resume=False, overwrite=True)
+            setups = [build(folder.cfg) for folder in folders]
+            try:
+                drivers = [(folders, _packed(setups))]
+            except NotPackable as e:
+                log(f"not packed ({e}): one by one")
+                drivers = [([folder], Alone(setup)) for folder, setup in zip(folders, setups)]
+            histories = [history for group, driver in drivers for history in _train_group(
+                group, driver, progress="none", log=quiet, resume=False, overwrite=True)[0]]
+            for i, rows in zip(part, histories):
+                results[i] = rows
     return results
 
 
-def _packed_loop(packed: PackedEngine, runs: list[Run], states: list[RunState],
-                 histories: list[list[dict]], checkpoints: list[checkpoint.Checkpointer],
-                 cfgs: list[config_lib.RunConfig], *, elapsed: list[float], progress: str
-                 ) -> list[RunState]:
-    """:func:`_loop` for a pack: each round plans every run on the host, trains all of them in
-    :meth:`PackedEngine.run_round`, evaluates them together when due, appends each run's row
-    to its own ``metrics.jsonl`` (all rows of a round, or none) and saves each run's own
-    :class:`RunState`, as :func:`_loop` does for one run."""
-    rounds, every, log = cfgs[0].federation.rounds, cfgs[0].checkpoint_every, runs[0].log
-    configs = [config_lib.to_dict(cfg) for cfg in cfgs]
-    heldouts = [run.setup.heldout for run in runs]
-    first = int(states[0].server.round)
-    if first == rounds:
-        log(f"the runs are complete at round {rounds}: nothing to run (extend them with --rounds)")
-    server = packed.stack([state.server for state in states])
-    clock_start = time.perf_counter()
+# ---------------------------------------------------------------- runs as packs (one loop for all)
 
-    def save(server: ServerState, states: list[RunState]) -> None:
-        saved_round = np.asarray(server.round)
-        for i, state in enumerate(states):
-            checkpoints[i].save(int(saved_round[i]),
-                                state._replace(server=packed.run_state(server, i)),
-                                config=configs[i],
-                                elapsed_s=elapsed[i] + time.perf_counter() - clock_start)
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """A run's configuration (its strategy applied) and folder, checked before anything is
+    built: the saved config and, for a resume, the settings it changes."""
 
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(Path(cfg.output_dir) / metrics_lib.METRICS_FILE, "a"))
-                 for cfg in cfgs]
-        report = stack.enter_context(progress_reporter(progress, rounds, first))
-        stop = stack.enter_context(_stop_requests(log))
+    cfg: config_lib.RunConfig
+    strategy: strategies.Strategy
+    saved: dict
+    changed: dict
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def _checked_folders(cfgs: list[config_lib.RunConfig], *, resume: bool, overwrite: bool
+                     ) -> list[Folder]:
+    """Every run's :class:`Folder`, each folder checked (:mod:`fedlora_jax.rundir`); nothing is
+    written."""
+    chosen = [strategies.strategy_of(cfg) for cfg in cfgs]
+    cfgs = [strategies.configure(cfg, s) for cfg, s in zip(cfgs, chosen)]
+    outs = [Path(cfg.output_dir) for cfg in cfgs]
+    if len({out.resolve() for out in outs}) < len(outs):
+        raise ValueError("Two runs of a pack have the same output_dir: give each its own.")
+    for out in outs:
+        rundir.check_free(out, resume=resume, overwrite=overwrite)
+    saved = [config_lib.to_dict(cfg) for cfg in cfgs]
+    return [Folder(cfg, strategy, d, rundir.check_resume(out, d) if resume else {})
+            for cfg, strategy, out, d in zip(cfgs, chosen, outs, saved)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Alone:
+    """One run's :class:`~fedlora_jax.engine.FederatedEngine` driven as a pack of one: the
+    engine's own state is the pack's (what :func:`_loop` needs of an engine)."""
+
+    setup: Setup
+
+    @property
+    def setups(self) -> list[Setup]:
+        return [self.setup]
+
+    def init(self, seeds: list[int]) -> ServerState:
+        (seed,) = seeds
+        return self.setup.engine.init(seed)
+
+    def stack(self, states: list[ServerState]) -> ServerState:
+        (state,) = states
+        return state
+
+    def run_state(self, state: ServerState, r: int) -> ServerState:
+        del r
+        return state
+
+    def run_round(self, state: ServerState, plans: list[tuple]
+                  ) -> tuple[ServerState, list[RoundResult]]:
+        ((q, k),) = plans
         try:
-            for r in range(first + 1, rounds + 1):
-                plans = [plan_round(run, state, r) for run, state in zip(runs, states)]
-                try:
-                    new, results = packed.run_round(server, [(p.q, p.k) for p in plans])
-                except RunFloatingPointError as e:
-                    raise Diverged(f"{cfgs[e.run].output_dir}: training diverged in round {r}: "
-                                   f"{e}. {_restart_hint(checkpoints[e.run])}") from None
-                clocks = np.asarray(new.clock)
-                stepped = []
-                for i, run in enumerate(runs):
-                    try:
-                        stepped.append(observe_round(run, states[i], plans[i], results[i], r,
-                                                     float(clocks[i])))
-                    except Diverged as e:
-                        raise Diverged(f"{cfgs[i].output_dir}: {e} "
-                                       f"{_restart_hint(checkpoints[i])}") from None
-                scores = (packed.evaluate(new, heldouts)
-                          if r % cfgs[0].eval_every == 0 or r == rounds else None)
-                for i, (_, row) in enumerate(stepped):
-                    row["elapsed_s"] = elapsed[i] + time.perf_counter() - clock_start
-                    if scores is not None:
-                        row.update(prefixed(scores[i], "eval_"))
-                    files[i].write(json.dumps(row) + "\n")
-                    files[i].flush()
-                    histories[i].append(row)
-                server, states = new, [state for state, _ in stepped]  # committed
-                report(_mean_row([row for _, row in stepped]))
-                halt = stop[:1]
-                if (every and r % every == 0) or r == rounds or halt:
-                    save(server, states)
-                if halt:
-                    raise Interrupted(halt[0], r)
-        except KeyboardInterrupt:
-            if checkpoint.is_alive(server):  # else the interrupted round consumed its buffers
-                save(server, states)
-            log("interrupted: resume each run from its latest checkpoint with 'fedlora-jax run "
-                "--resume --output-dir DIR' (DIR: " + ", ".join(c.output_dir for c in cfgs) + ")")
-            raise
-    return [state._replace(server=packed.run_state(server, i)) for i, state in enumerate(states)]
+            state, result = self.setup.engine.run_round(state, q, k)
+        except FloatingPointError as e:
+            raise RunFloatingPointError(0, str(e)) from None
+        return state, [result]
+
+    def evaluate(self, state: ServerState) -> list[dict[str, float]]:
+        """The run's held-out row entries (:func:`fedlora_jax.build.evaluate`)."""
+        return [evaluate(self.setup, state)]
 
 
-def _mean_row(rows: list[dict]) -> dict:
-    """The mean over the runs of each numeric column every row has (progress of a pack)."""
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]
-            if all(isinstance(row.get(key), (int, float)) for row in rows)}
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Runs of one :class:`~fedlora_jax.engine.PackedEngine`, as :func:`_loop` drives them."""
+
+    engine: PackedEngine
+    setups: list[Setup]
+
+    def init(self, seeds: list[int]) -> ServerState:
+        return self.engine.init(seeds)
+
+    def stack(self, states: list[ServerState]) -> ServerState:
+        return self.engine.stack(states)
+
+    def run_state(self, state: ServerState, r: int) -> ServerState:
+        return self.engine.run_state(state, r)
+
+    def run_round(self, state: ServerState, plans: list[tuple]
+                  ) -> tuple[ServerState, list[RoundResult]]:
+        return self.engine.run_round(state, plans)
+
+    def evaluate(self, state: ServerState) -> list[dict[str, float]]:
+        """Every run's held-out row entries, in the same compiled calls."""
+        scores = self.engine.evaluate(state, [setup.heldout for setup in self.setups])
+        return [prefixed(s, "eval_") for s in scores]
+
+
+Driver = Alone | Packed
+
+
+def _packed(setups: list[Setup]) -> Packed:
+    """The built runs as one :class:`Packed`; :class:`NotPackable` when they cannot share one
+    compiled program (:func:`fedlora_jax.engine.check_packable`)."""
+    try:
+        return Packed(PackedEngine([setup.engine for setup in setups]), setups)
+    except ValueError as e:
+        raise NotPackable(str(e)) from None
+
+
+def _train_group(folders: list[Folder], driver: Driver, *, progress: str, log, resume: bool,
+                 overwrite: bool) -> tuple[list[list[dict]], list[Run], list[RunState]]:
+    """Trains the runs of ``driver`` (built from ``folders``): locks and writes each folder,
+    starts or resumes each run (:func:`_start`), loops (:func:`_loop`) and writes each
+    allocation. -> (each run's metrics rows, its :class:`Run`, its last state)."""
+    setups = driver.setups
+    ctxs = [strategy_context(f.cfg, setup) for f, setup in zip(folders, setups)]
+    if len(folders) > 1:
+        log(f"packed {len(folders)} runs: model {setups[0].description}; clients "
+            f"{setups[0].engine.num_clients}")
+    with contextlib.ExitStack() as stack:
+        for f in folders:
+            stack.enter_context(rundir.lock(f.out))
+        for f in folders:
+            rundir.check_contents(f.out, resume=resume, overwrite=overwrite)  # locked
+            if overwrite:
+                rundir.clear(f.out)
+        checkpoints = [stack.enter_context(checkpoint.Checkpointer(f.out / rundir.CHECKPOINT_DIR))
+                       for f in folders]
+        server = driver.init([f.cfg.federation.seed for f in folders])
+        scores = None if resume else driver.evaluate(server)
+        starts = [_start(setup, RunState(driver.run_state(server, i),
+                                         strategies.init_estimates(ctx.num_clients),
+                                         ctx.uniform()),
+                         checkpoints[i], folders[i].saved, folders[i].changed, resume=resume,
+                         log=log, scores=None if scores is None else scores[i])
+                  for i, (setup, ctx) in enumerate(zip(setups, ctxs))]
+        states, histories, elapsed = (list(x) for x in zip(*starts))
+        if len({int(state.server.round) for state in states}) > 1:
+            raise ValueError("The runs' newest good checkpoints are of different rounds ("
+                             + ", ".join(f"{f.out}: {int(s.server.round)}" for f, s in
+                                         zip(folders, states))
+                             + "): resume them one by one (fedlora-jax run --resume).")
+        runs = [Run(setup, f.strategy, ctx, DIVERGED_FACTOR * max(1.0, history[0]["eval_loss"]),
+                    log) for setup, f, ctx, history in zip(setups, folders, ctxs, histories)]
+        states = _loop(driver, runs, states, histories, checkpoints, [f.cfg for f in folders],
+                       elapsed=elapsed, progress=progress)
+        for f, setup, state in zip(folders, setups, states):
+            (f.out / metrics_lib.ALLOCATION_FILE).write_text(
+                json.dumps(allocation_record(setup, state.plan, f.cfg.system)))
+    if len(folders) > 1:
+        for f, history in zip(folders, histories):
+            log(f"{f.out}: {summary(history)}")
+    return histories, runs, states
 
 
 def run_step(run: Run, state: RunState) -> tuple[RunState, dict]:
-    """One round: the strategy plans if due, the engine trains and aggregates, and the round's
-    update norms refine the estimates. -> (the next state, the round's metrics row).
+    """One round of one run: the strategy plans if due, the engine trains and aggregates, and
+    the round's update norms refine the estimates (:func:`step` on a pack of one).
+    -> (the next state, the round's metrics row).
 
     Raises :class:`Diverged` when the clients' updates or their mean training loss are not
     finite, or the loss exceeds ``run.bound``."""
-    r = int(state.server.round) + 1
-    plan = plan_round(run, state, r)
+    server, ((state, row),) = step(Alone(run.setup), [run], [state], state.server,
+                                   int(state.server.round) + 1)
+    return state._replace(server=server), row
+
+
+def step(driver: Driver, runs: list[Run], states: list[RunState], server: ServerState, r: int
+         ) -> tuple[ServerState, list[tuple[RunState, dict]]]:
+    """Round ``r`` of every run of ``driver``: each run's plan (:func:`plan_round`), one round
+    of the engine from ``server`` (donated), each result folded in (:func:`observe_round`).
+    -> (the engine's next state, per run (its next state, its row)); a run's state keeps its
+    ``server`` as it was (:meth:`Alone.run_state` / :meth:`Packed.run_state` give the new).
+
+    Raises :class:`Diverged` (its ``run``: the run's index) when a run's client updates or mean
+    training loss are not finite, or the loss exceeds the run's bound."""
+    plans = [plan_round(run, state, r) for run, state in zip(runs, states)]
     try:
-        server, result = run.setup.engine.run_round(state.server, plan.q, plan.k)
-    except FloatingPointError as e:
-        raise Diverged(f"Training diverged in round {r}: {e}.") from None
-    return observe_round(run, state._replace(server=server), plan, result, r,
-                         float(server.clock))
+        new, results = driver.run_round(server, [(p.q, p.k) for p in plans])
+    except RunFloatingPointError as e:
+        raise Diverged(f"Training diverged in round {r}: {e}.", run=e.run) from None
+    clocks = np.atleast_1d(np.asarray(new.clock))
+    return new, [observe_round(runs[i], states[i], plans[i], results[i], r, float(clocks[i]), i)
+                 for i in range(len(runs))]
 
 
 def plan_round(run: Run, state: RunState, r: int) -> strategies.Plan:
@@ -379,14 +416,14 @@ def plan_round(run: Run, state: RunState, r: int) -> strategies.Plan:
 
 
 def observe_round(run: Run, state: RunState, plan: strategies.Plan, result: RoundResult,
-                  r: int, clock: float) -> tuple[RunState, dict]:
+                  r: int, clock: float, index: int = 0) -> tuple[RunState, dict]:
     """Round ``r``'s result folded into the run (``state.server`` as it is; ``clock``: the
     simulated clock after the round): checks the loss against ``run.bound``
-    (:class:`Diverged`), refines the estimates, lets the strategy revise its plan;
-    -> (the next state, the round's metrics row)."""
+    (:class:`Diverged`, naming the run's ``index`` in its pack), refines the estimates, lets the
+    strategy revise its plan; -> (the next state, the round's metrics row)."""
     if result.participants.size and not result.train_loss <= run.bound:
         raise Diverged(f"Training diverged in round {r}: train loss {result.train_loss:.4g} "
-                       f"(bound {run.bound:.4g}).")
+                       f"(bound {run.bound:.4g}).", run=index)
     estimates = strategies.observe(state.estimates, run.ctx, plan, result.participants,
                                    result.clients.update_sq_norm, result.applied_sq_norm,
                                    head_sq_norms=result.clients.head_sq_norm)
@@ -399,65 +436,90 @@ def observe_round(run: Run, state: RunState, plan: strategies.Plan, result: Roun
     return RunState(state.server, estimates, run.strategy.revise(plan, result)), row
 
 
-def _loop(run: Run, state: RunState, history: list[dict], checkpoints: checkpoint.Checkpointer,
-          cfg: config_lib.RunConfig, *, elapsed: float, progress: str) -> RunState:
-    """:func:`run_step` until ``cfg.federation.rounds``; after each round its row gets the
-    elapsed time and, every ``cfg.eval_every`` rounds and at the end, the held-out scores; it is
-    appended to ``metrics.jsonl`` and ``history`` (the round is then committed) and reported,
-    and the state is saved every ``cfg.checkpoint_every`` rounds and after the last.
+def _loop(driver: Driver, runs: list[Run], states: list[RunState], histories: list[list[dict]],
+          checkpoints: list[checkpoint.Checkpointer], cfgs: list[config_lib.RunConfig], *,
+          elapsed: list[float], progress: str) -> list[RunState]:
+    """:func:`step` until ``rounds`` (the runs share it, as they share ``eval_every`` and
+    ``checkpoint_every``; a single run is a pack of one). After each round every run's row gets
+    its elapsed time and, every ``eval_every`` rounds and at the end, its held-out scores
+    (evaluated together); it is appended to the run's ``metrics.jsonl`` and history (all rows
+    of a round, or none: the round is then committed) and reported (a pack: the mean over its
+    runs); each run's state is saved every ``checkpoint_every`` rounds and after the last.
 
-    SIGINT or SIGTERM stops the run at the next round boundary, saves that round and raises
+    SIGINT or SIGTERM stops at the next round boundary, saves that round and raises
     :class:`Interrupted` (a second SIGINT stops at once: ``KeyboardInterrupt``, saving the last
-    committed round). A diverging loss raises :class:`Diverged`, naming the last good
-    checkpoint."""
-    rounds, every, log = cfg.federation.rounds, cfg.checkpoint_every, run.log
-    config, out = config_lib.to_dict(cfg), Path(cfg.output_dir)
-    if int(state.server.round) == rounds:
-        log(f"the run is complete at round {rounds}: nothing to run (extend it with --rounds)")
-    clock_start = time.perf_counter() - elapsed
+    committed round). A diverging run raises :class:`Diverged`, naming (in a pack) its folder
+    and its last good checkpoint."""
+    cfg, log = cfgs[0], runs[0].log
+    rounds, every = cfg.federation.rounds, cfg.checkpoint_every
+    configs = [config_lib.to_dict(c) for c in cfgs]
+    named = (lambda i: "") if len(runs) == 1 else (lambda i: f"{cfgs[i].output_dir}: ")
+    first = int(states[0].server.round)
+    if first == rounds:
+        log(f"{'the run is' if len(runs) == 1 else 'the runs are'} complete at round {rounds}: "
+            "nothing to run (extend with --rounds)")
+    server = driver.stack([state.server for state in states])
+    clock_start = time.perf_counter()
 
-    def save(state: RunState) -> None:
-        checkpoints.save(int(state.server.round), state, config=config,
-                         elapsed_s=time.perf_counter() - clock_start)
+    def save(server: ServerState, states: list[RunState]) -> None:
+        for i, state in enumerate(states):
+            own = state._replace(server=driver.run_state(server, i))
+            checkpoints[i].save(int(own.server.round), own, config=configs[i],
+                                elapsed_s=elapsed[i] + time.perf_counter() - clock_start)
 
-    with (open(out / metrics_lib.METRICS_FILE, "a") as f,
-          progress_reporter(progress, rounds, int(state.server.round)) as report,
-          _stop_requests(log) as stop):
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(Path(c.output_dir) / metrics_lib.METRICS_FILE, "a"))
+                 for c in cfgs]
+        report = stack.enter_context(progress_reporter(progress, rounds, first))
+        stop = stack.enter_context(_stop_requests(log))
         try:
-            for r in range(int(state.server.round) + 1, rounds + 1):
+            for r in range(first + 1, rounds + 1):
                 try:
-                    new, row = run_step(run, state)
+                    new, stepped = step(driver, runs, states, server, r)
                 except Diverged as e:
-                    raise Diverged(f"{e} {_restart_hint(checkpoints)}") from None
-                row["elapsed_s"] = time.perf_counter() - clock_start
-                if r % cfg.eval_every == 0 or r == rounds:
-                    row.update(evaluate(run.setup, new.server))
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                history.append(row)
-                state = new  # committed: its row is in metrics.jsonl
-                report(row)
+                    raise Diverged(f"{named(e.run)}{e} {_restart_hint(checkpoints[e.run])}",
+                                   run=e.run) from None
+                scores = driver.evaluate(new) if r % cfg.eval_every == 0 or r == rounds else None
+                for i, (_, row) in enumerate(stepped):
+                    row["elapsed_s"] = elapsed[i] + time.perf_counter() - clock_start
+                    if scores is not None:
+                        row.update(scores[i])
+                    files[i].write(json.dumps(row) + "\n")
+                    files[i].flush()
+                    histories[i].append(row)
+                server, states = new, [state for state, _ in stepped]  # committed
+                report(_mean_row([row for _, row in stepped]))
                 halt = stop[:1]  # a signal from here on stops after the next round
                 if (every and r % every == 0) or r == rounds or halt:
-                    save(state)
+                    save(server, states)
                 if halt:
                     raise Interrupted(halt[0], r)
         except KeyboardInterrupt:
-            if checkpoint.is_alive(state):  # else the interrupted round consumed its buffers
-                save(state)
-            log(f"interrupted: resume from the checkpoint of round {checkpoints.latest_round()} "
-                f"with 'fedlora-jax run --resume --output-dir {out}'")
+            if checkpoint.is_alive(server):  # else the interrupted round consumed its buffers
+                save(server, states)
+            for c, saved in zip(cfgs, checkpoints):
+                log(f"interrupted: resume from the checkpoint of round {saved.latest_round()} "
+                    f"with 'fedlora-jax run --resume --output-dir {c.output_dir}'")
             raise
-    return state
+    return [state._replace(server=driver.run_state(server, i)) for i, state in enumerate(states)]
+
+
+def _mean_row(rows: list[dict]) -> dict:
+    """A lone run's row, or the mean over the runs of each numeric column every row has
+    (progress of a pack)."""
+    if len(rows) == 1:
+        return rows[0]
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]
+            if all(isinstance(row.get(key), (int, float)) for row in rows)}
 
 
 def _start(setup: Setup, fresh: RunState, checkpoints: checkpoint.Checkpointer, config: dict,
-           changed: dict, *, resume: bool, log, scores: dict | None = None
+           changed: dict, *, resume: bool, log, scores: dict | None
            ) -> tuple[RunState, list[dict], float]:
     """-> ``(state, metrics rows, elapsed seconds)`` to run from: the newest good checkpoint
     (restored into the structure of ``fresh``; ``metrics.jsonl`` truncated to its round), or
-    ``fresh``, evaluated (``scores``: its held-out scores, when the caller has them already).
-    Records the config the run continues or starts with."""
+    ``fresh`` with its held-out ``scores`` (row entries; ``None`` on resume). Records the config
+    the run continues or starts with."""
     out = Path(config["output_dir"])
     metrics_path = out / metrics_lib.METRICS_FILE
     if resume:
@@ -470,7 +532,6 @@ def _start(setup: Setup, fresh: RunState, checkpoints: checkpoint.Checkpointer, 
         return state, history, meta["elapsed_s"]
     rundir.record_config(out, config, 1, {})
     (out / rundir.LABELS_FILE).write_text(json.dumps(list(setup.label_names)))
-    scores = evaluate(setup, fresh.server) if scores is None else scores
     history = [{"round": 0, "sim_clock_s": 0.0, **scores}]
     metrics_path.write_text(json.dumps(history[0]) + "\n")
     return fresh, history, 0.0

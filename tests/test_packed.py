@@ -268,3 +268,25 @@ def test_packed_commands_equal_no_pack(tmp_path, capsys, command):
         assert len(rows["packed"]) == 4 and len({r["seed"] for r in rows["packed"]}) == 4
         for p, a in zip(rows["packed"], rows["alone"]):
             assert p == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_train_all_builds_an_unpackable_group_once(tmp_path, monkeypatch):
+    """FedSA-LoRA's runs share a pack key but not a program (a personalized rule): train_all
+    builds each run once, finds the pack refused, and trains the built runs one by one, each as
+    its run alone would."""
+    from fedlora_jax import train as train_lib
+
+    compile_cache.enable()
+    quiet = lambda *_: None
+    cfgs = _configs(tmp_path / "all", ((3, "fedsa", 0.05), (4, "fedsa", 0.1)), rounds=1)
+    assert len({train_lib.pack_key(cfg) for cfg in cfgs}) == 1
+    build, built = train_lib.build, []
+    monkeypatch.setattr(train_lib, "build", lambda cfg: built.append(cfg) or build(cfg))
+    lines = []
+    results = train_lib.train_all(cfgs, log=lines.append)
+    assert len(built) == 2 and any(line.startswith("not packed") for line in lines)
+    monkeypatch.undo()
+    for rows, cfg in zip(results, _configs(tmp_path / "alone", ((3, "fedsa", 0.05),
+                                                                 (4, "fedsa", 0.1)), rounds=1)):
+        assert _without_time(rows) == _without_time(train_lib.train(cfg, progress="none",
+                                                                    log=quiet))
