@@ -193,11 +193,13 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
     metrics rows, in order. With ``pack``, the configs of one :func:`pack_key` train as packs
     of up to :data:`MAX_PACK` (:func:`train_packed`); a pack whose built runs cannot share a
     program after all (:class:`NotPackable`: a personalized rule) trains one by one from the
-    runs already built; a lone config and ``pack=False`` train one by one (:func:`train`).
+    runs already built; a lone config, a strategy that does not pack (``Strategy.packs``:
+    FlexLoRA) and ``pack=False`` train one by one (:func:`train`).
     ``log`` gets one line per pack or run."""
     groups: dict = {}
     for i, cfg in enumerate(cfgs):
-        groups.setdefault(pack_key(cfg) if pack else i, []).append(i)
+        packs = pack and strategies.strategy_of(cfg).packs
+        groups.setdefault(pack_key(cfg) if packs else i, []).append(i)
     quiet = lambda *_: None
     results: list = [None] * len(cfgs)
     for members in groups.values():

@@ -290,3 +290,17 @@ def test_train_all_builds_an_unpackable_group_once(tmp_path, monkeypatch):
                                                                  (4, "fedsa", 0.1)), rounds=1)):
         assert _without_time(rows) == _without_time(train_lib.train(cfg, progress="none",
                                                                     log=quiet))
+
+
+def test_train_all_trains_flexlora_one_by_one(tmp_path):
+    """FlexLoRA's runs share a pack key, but the strategy does not pack (``Strategy.packs``: a
+    packed round on MiniLM hung in XLA:CPU): train_all trains them one by one."""
+    from fedlora_jax import train as train_lib
+
+    compile_cache.enable()
+    cfgs = _configs(tmp_path, ((3, "flexlora", 0.05), (4, "flexlora", 0.1)), rounds=1)
+    assert len({train_lib.pack_key(cfg) for cfg in cfgs}) == 1
+    lines = []
+    results = train_lib.train_all(cfgs, log=lines.append)
+    assert lines == [cfg.output_dir for cfg in cfgs]
+    assert [len(rows) for rows in results] == [2, 2]

@@ -54,9 +54,10 @@ EXAMPLE = textwrap.dedent("""\
     Packing: runs that differ only in seed, learning rates, network and a strategy of the same
     aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
     its own folder, and its results equal its run alone's up to float round-off). fixed,
-    fedit, fslora and adaptive share FSLoRA's rule and pack together; hetlora, flexlora, flora
-    and ffa (its own model change) pack only with runs of the same strategy; fedsa
-    (personalized) never packs. --no-pack trains every run on its own.""")
+    fedit, fslora and adaptive share FSLoRA's rule and pack together; hetlora, flora and ffa
+    (its own model change) pack only with runs of the same strategy; fedsa (personalized) and
+    flexlora (a packed FlexLoRA round on MiniLM hung in XLA:CPU) never pack. --no-pack trains
+    every run on its own.""")
 
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
