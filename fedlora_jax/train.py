@@ -177,6 +177,9 @@ def train_packed(cfgs: list[config_lib.RunConfig], *, progress: str = "none", lo
     if len({pack_key(cfg) for cfg in cfgs}) > 1:
         raise NotPackable("The runs differ in more than seeds, learning rates, plans and "
                           "network: group them by train.pack_key first.")
+    if not all(strategies.strategy_of(cfg).packs for cfg in cfgs):
+        raise NotPackable(f"{cfgs[0].strategy} runs do not pack (Strategy.packs): train them "
+                          "one by one (train.train or train_all).")
     folders = _checked_folders(cfgs, resume=resume, overwrite=overwrite)
     setups = [build(folder.cfg) for folder in folders]
     histories, *_ = _train_group(folders, _packed(setups), progress=progress, log=log,

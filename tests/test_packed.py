@@ -304,3 +304,5 @@ def test_train_all_trains_flexlora_one_by_one(tmp_path):
     results = train_lib.train_all(cfgs, log=lines.append)
     assert lines == [cfg.output_dir for cfg in cfgs]
     assert [len(rows) for rows in results] == [2, 2]
+    with pytest.raises(train_lib.NotPackable, match="flexlora runs do not pack"):
+        train_lib.train_packed(cfgs, overwrite=True)
