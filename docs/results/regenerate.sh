@@ -2,7 +2,7 @@
 # Regenerates the protocol results of docs/results.md: each experiment runs `fedlora-jax compare`
 # into runs/ (reusing finished runs) and copies its tables, figures and raw metrics to docs/results/protocol_NAME.
 #   bash docs/results/regenerate.sh            # every experiment
-#   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, tiny_adamw, tiny_sgd)
+#   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, minilm_sgd, tiny_adamw, tiny_sgd)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code
@@ -33,6 +33,10 @@ SELECTED=("$@")
 want() { [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]; }
 if want minilm; then
   experiment minilm "${MINILM[@]}"
+fi
+if want minilm_sgd; then
+  experiment minilm_sgd "${MINILM[@]}" --strategies adaptive,fedit,hetlora \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi
 if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
