@@ -7,8 +7,10 @@ import pytest
 
 from fedlora_jax.cli import main
 from fedlora_jax.commands.sweep import parse_grid, point_seed, points
+from tests import compile_cache
 
-GRID = ["--grid", "clients=40,60", "--grid", "sketch_ratio=0.5", "--rounds", "1",
+# Two points of one shape: the sweep packs them into one program (the tiny preset's 16 clients).
+GRID = ["--grid", "clients=16", "--grid", "sketch_ratio=0.5,1", "--rounds", "1",
         "--set", "federation.participants=4", "--set", "eval_every=1"]
 
 
@@ -24,15 +26,16 @@ def test_grid_parsing_and_seeds():
 
 
 def test_sweep_writes_one_table_and_resumes(tmp_path, capsys):
+    compile_cache.enable()
     out = tmp_path / "sweep"
     assert main(["sweep", *GRID, "--output-dir", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())
-    assert [r["clients"] for r in rows] == [40, 60]
+    assert [(r["clients"], r["sketch_ratio"]) for r in rows] == [(16, 0.5), (16, 1.0)]
     assert all(r["rounds"] == 1 and 0 <= r["final_eval_accuracy"] <= 1 for r in rows)
     assert rows[0]["seed"] != rows[1]["seed"]
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
-    assert [int(r["clients"]) for r in table] == [40, 60]
+    assert [float(r["sketch_ratio"]) for r in table] == [0.5, 1.0]
     assert (out / "sweep.png").stat().st_size > 0
     # Resume: finished points are read back, not rerun (a marked result survives the rerun).
     first = out / "points" / rows[0]["point"] / "result.json"
