@@ -35,8 +35,9 @@ if want minilm; then
   experiment minilm "${MINILM[@]}"
 fi
 if want minilm_sgd; then
+  # the grid reached 3 after adaptive's best was 1, the top of the first grid (0.03..1)
   experiment minilm_sgd "${MINILM[@]}" --strategies adaptive,fedit,hetlora \
-    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1,3
 fi
 if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
