@@ -16,8 +16,8 @@ round ``--estimate-round`` of its run at the pilot's setting, ``q = K/N``, full 
 ``adaptive`` sees when it first plans). The fit gives the noise weight ``c`` (``alpha = c /
 |g|^2``; the paper's model: 1) and the progress power ``p`` (the AdamW law: 0.5), the options
 ``noise_scale`` and ``progress_power`` of ``adaptive_calibrated`` (``R_0``, the rounds at no noise
-and full step, does not change the solver's argmin). Runs that miss the target are left out of
-the fit and counted. Finished runs in ``--runs`` are reused. Writes ``OUT/calibration.json``
+and full step, does not change the solver's argmin). A run that misses the target within
+``--rounds`` is censored: it only says the model should predict more rounds than that. Finished runs in ``--runs`` are reused. Writes ``OUT/calibration.json``
 (settings, every run's rounds to target, the fit, and the fit's residuals against the assumed
 constants) and ``OUT/runs.jsonl.gz`` (every round of every run).
 """
@@ -84,14 +84,18 @@ def model(params: np.ndarray, noise: np.ndarray, s: np.ndarray) -> np.ndarray:
     return log_r0 + np.log(np.exp(log_c) * noise + 1.0) - p * np.log(s)
 
 
-def fit(log_rounds: np.ndarray, noise: np.ndarray, s: np.ndarray, fixed: dict | None = None) -> dict:
-    """Least squares in ``log R``; ``fixed`` pins ``c`` and/or ``p`` (then only the rest is fitted)."""
+def fit(log_rounds: np.ndarray, noise: np.ndarray, s: np.ndarray, fixed: dict | None = None,
+        censored: np.ndarray | None = None) -> dict:
+    """Least squares in ``log R``; ``fixed`` pins ``c`` and/or ``p`` (then only the rest is fitted).
+    A ``censored`` run (missed the target) gives a lower bound ``log_rounds``: no residual where the
+    model predicts at least that many rounds, the shortfall where it predicts fewer."""
     fixed = fixed or {}
+    censored = np.zeros(len(log_rounds), bool) if censored is None else censored
     names = ("log_r0", "log_c", "p")
     pinned = {"log_c": np.log(fixed["c"])} if "c" in fixed else {}
     pinned |= {"p": fixed["p"]} if "p" in fixed else {}
     free = [k for k in names if k not in pinned]
-    start = {"log_r0": float(np.mean(log_rounds)), "log_c": 0.0, "p": 0.5}
+    start = {"log_r0": float(np.mean(log_rounds[~censored])), "log_c": 0.0, "p": 0.5}
     lo = {"log_r0": -np.inf, "log_c": np.log(1e-4), "p": -2.0}
     hi = {"log_r0": np.inf, "log_c": np.log(1e4), "p": 3.0}
 
@@ -99,7 +103,11 @@ def fit(log_rounds: np.ndarray, noise: np.ndarray, s: np.ndarray, fixed: dict | 
         values = dict(zip(free, x)) | pinned
         return np.array([values[k] for k in names])
 
-    res = optimize.least_squares(lambda x: model(full(x), noise, s) - log_rounds,
+    def residual(x):
+        r = model(full(x), noise, s) - log_rounds
+        return np.where(censored, np.minimum(r, 0.0), r)
+
+    res = optimize.least_squares(residual,
                                  [start[k] for k in free], bounds=([lo[k] for k in free], [hi[k] for k in free]))
     log_r0, log_c, p = full(res.x)
     resid = res.fun
@@ -126,7 +134,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/calibrate_rounds")
     ap.add_argument("--runs", default="runs/calibrate_rounds")
     ap.add_argument("--seeds", default="1000,1001,1002,1003", help="tuning seeds only (never 0-19)")
-    ap.add_argument("--participants", default="1,2,4,16", help="expected participants K (q = K/16)")
+    ap.add_argument("--participants", default="0.8,1,2,4,16",
+                    help="expected participants K (q = K/16; 0.8: the solver's q_min)")
     ap.add_argument("--ratios", default="0.25,0.5,1", help="sketch ratios rho (k/4)")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--optimizer", default="adamw")
@@ -157,11 +166,13 @@ def main() -> None:
         points.append({"participants": k, "q": min(k / n, 1.0), "rho": rho, "seed": seed,
                        "rounds_to_target": rounds_to(rows, args.target), "noise": noise, "shrink": s})
     hit = [p for p in points if np.isfinite(p["rounds_to_target"])]
-    arr = lambda key: np.array([p[key] for p in hit])
-    log_r, noise, s = np.log(arr("rounds_to_target")), arr("noise"), arr("shrink")
-    calibrated = fit(log_r, noise, s)
-    assumed = fit(log_r, noise, s, {"c": 1.0, "p": law.progress_power})
-    for point, log_fit in zip(hit, model(params(calibrated), noise, s)):  # the fit is theory's model
+    arr = lambda key: np.array([p[key] for p in points])
+    missed = ~np.isfinite(arr("rounds_to_target"))  # censored: needs more than --rounds
+    log_r = np.log(np.where(missed, args.rounds + 1, arr("rounds_to_target")))
+    noise, s = arr("noise"), arr("shrink")
+    calibrated = fit(log_r, noise, s, censored=missed)
+    assumed = fit(log_r, noise, s, {"c": 1.0, "p": law.progress_power}, censored=missed)
+    for point, log_fit in zip(points, model(params(calibrated), noise, s)):  # the fit is theory's
         assert np.isclose(np.exp(log_fit), library_rounds(calibrated, point["q"], point["rho"],
                                                           ratio[point["seed"]], n, law), rtol=1e-4)
     typical = float(np.median(list(ratio.values())))
