@@ -46,11 +46,11 @@ if want tiny_sgd; then
   experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,hetlora \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi
-CALIBRATED=adaptive,adaptive_calibrated,hetlora,fedit  # the calibrated rounds model's ablation
-if want tiny_adamw_calibrated; then
-  experiment tiny_adamw_calibrated "${TINY[@]}" --strategies "$CALIBRATED" --lr-grid 3e-3,1e-2,3e-2,1e-1
+CALIBRATED=(--strategies adaptive,adaptive_calibrated,hetlora,fedit --reference adaptive_calibrated)
+if want tiny_adamw_calibrated; then  # the calibrated rounds model's ablation
+  experiment tiny_adamw_calibrated "${TINY[@]}" "${CALIBRATED[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
 fi
 if want tiny_sgd_calibrated; then
-  experiment tiny_sgd_calibrated "${TINY[@]}" --strategies "$CALIBRATED" \
+  experiment tiny_sgd_calibrated "${TINY[@]}" "${CALIBRATED[@]}" \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi
