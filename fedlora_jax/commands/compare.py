@@ -19,7 +19,9 @@ shortest run's simulated time in each stage, so every run covers it; the target 
 of the best validation accuracy of the tuning stage (the test split never picks anything).
 Writes to ``OUTPUT_DIR``: ``tuning.csv/.md`` (every trial's score), ``summary.csv/.md``,
 ``paired.csv/.md``, ``accuracy_vs_clock.png`` and ``accuracy_vs_round.png`` (mean over seeds with
-its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``.
+its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``
+(with ``warnings``: the strategies whose first round outlasts a stage's budget, so that they
+complete no round within it and their result there is degenerate; printed too).
 """
 
 from __future__ import annotations
@@ -462,8 +464,8 @@ def main(args) -> int:
                                                     pack=not args.no_pack)
     target = 0.9 * best if args.target is None else args.target
     budget, tables, warnings = report(protocol, chosen, out, target=target, budget=args.budget,
-                            reference=args.reference, show_seeds=args.show_seeds,
-                            pack=not args.no_pack)
+                                      reference=args.reference, show_seeds=args.show_seeds,
+                                      pack=not args.no_pack)
     (out / "protocol.json").write_text(json.dumps(
         {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
          "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,

@@ -71,6 +71,9 @@ class Adaptive(Strategy):
         if not 0 < self.noise_scale < float("inf"):
             raise ValueError(f"strategy_options.noise_scale must be a positive number (the rounds "
                              f"model's noise weight; 1 is the paper's), got {self.noise_scale!r}.")
+        if self.progress_power is not None and not np.isfinite(self.progress_power):
+            raise ValueError(f"strategy_options.progress_power must be a finite number (e.g. 0.5, "
+                             f"the AdamW law's) or unset, got {self.progress_power!r}.")
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         sketch = ((1.0, f"{self.name} does not sketch (sampling only)") if self.sampling_only else
