@@ -160,6 +160,8 @@ def test_adaptive_calibrated_plans_with_its_own_rounds_model():
     assert objective(plan) < objective(paper)  # the options reach the solver
     with pytest.raises(ValueError, match="strategy_options.noise_scale must be a positive number"):
         strategies.Adaptive(noise_scale=0.0)
+    with pytest.raises(ValueError, match="strategy_options.progress_power must be a finite number"):
+        strategies.Adaptive(progress_power=float("inf"))
 
 
 def test_observe_estimates_g2_and_signal():
