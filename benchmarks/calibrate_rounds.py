@@ -170,7 +170,9 @@ def main() -> None:
     missed = ~np.isfinite(arr("rounds_to_target"))  # censored: needs more than --rounds
     log_r = np.log(np.where(missed, args.rounds + 1, arr("rounds_to_target")))
     noise, s = arr("noise"), arr("shrink")
-    calibrated = fit(log_r, noise, s, censored=missed)
+    # p is identifiable only where a sketch shrinks the step (Adam); SGD's law keeps s = 1
+    calibrated = fit(log_r, noise, s, {} if law.shrink_power else {"p": law.progress_power},
+                     censored=missed)
     assumed = fit(log_r, noise, s, {"c": 1.0, "p": law.progress_power}, censored=missed)
     for point, log_fit in zip(points, model(params(calibrated), noise, s)):  # the fit is theory's
         assert np.isclose(np.exp(log_fit), library_rounds(calibrated, point["q"], point["rho"],
