@@ -58,6 +58,12 @@ SGD_LAW = UpdateLaw("sgd", norm_power=-1.0, shrink_power=0.0, progress_power=0.0
 # progress_power: 0 if the learning rate were re-tuned to the step, 1 in the small-step limit; 0.5
 # is measured (tiny preset, AdamW 5e-3, full participation: 0.34-0.62; docs/method.md).
 ADAM_LAW = UpdateLaw("adam", norm_power=1.0, shrink_power=1.0, progress_power=0.5)
+# The rounds model fitted against training (benchmarks/calibrate_rounds.py; docs/method.md,
+# "Calibrated rounds model"): the noise weight c (alpha = c / |g|^2) and progress_power p from the
+# rounds to validation accuracy 0.8 of the tiny preset's AdamW clients at 15 uniform (q, rho),
+# tuning seeds 1000-1003 only. The options of ``adaptive_calibrated``.
+CALIBRATED_NOISE_SCALE = 0.0844
+CALIBRATED_PROGRESS_POWER = 0.239
 _LAWS = {"sgd": SGD_LAW, "momentum": SGD_LAW, "adam": ADAM_LAW, "adamw": ADAM_LAW}
 
 

@@ -79,6 +79,21 @@ def test_paired_table_and_strongest_baseline():
                                                     "8s": "slow (0.4000)"}
 
 
+def test_a_strategy_whose_first_round_outlasts_the_budget_is_warned_about():
+    runs = {"slow": [_rows([0.1, 0.5], dt=5.0), _rows([0.1, 0.5], dt=3.0)],
+            "fast": [_rows([0.1, 0.5], dt=1.0)], "mixed": [_rows([0.1, 0.5]), _rows([0.1, 0.5], dt=4.0)]}
+    lines = []
+    found = compare.roundless("tuning", runs, budget=2.5, log=lines.append)
+    assert found == [{"stage": "tuning", "strategy": "slow", "runs": 2, "of": 2, "round_s": 3.0,
+                      "budget_s": 2.5},
+                     {"stage": "tuning", "strategy": "mixed", "runs": 1, "of": 2, "round_s": 4.0,
+                      "budget_s": 2.5}]
+    assert lines[0] == ("compare: warning: slow's first round takes 3 s or more on 2 of its 2 "
+                        "tuning runs, past the tuning budget of 2.5 s: it completes no round "
+                        "there, so its result is degenerate.")
+    assert compare.roundless("reporting", runs, budget=5.0, log=lines.append) == [] and len(lines) == 2
+
+
 @pytest.mark.parametrize("show_seeds", [False, True])
 def test_the_curve_figure_draws_one_line_and_band_per_strategy(show_seeds):
     runs = _synthetic_runs()
@@ -190,6 +205,21 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert protocol["budget_s"] == pytest.approx(clock["fslora"])  # the shortest run
     printed = capsys.readouterr().out
     assert "| fedit | 0.005 | 1.0 |" in printed and "| baseline | fslora_faster |" in printed
+
+
+def test_compare_records_a_budget_shorter_than_a_round(tmp_path, capsys):
+    compile_cache.enable()
+    assert main(["compare", "--preset", "tiny", "--rounds", "1", "--strategies", "fedit",
+                 "--seeds", "3", "--tune-seeds", "7", "--lr-grid", "0.005", "--budget", "1e-6",
+                 "--output-dir", str(tmp_path)]) == 0
+    first = {stage: [r["sim_clock_s"] for r in map(json.loads, (tmp_path / file).open())
+                     if r["round"] == 1][0]
+             for stage, file in (("tuning", "tuning.jsonl"), ("reporting", "metrics.jsonl"))}
+    warnings = json.loads((tmp_path / "protocol.json").read_text())["warnings"]
+    assert warnings == [{"stage": stage, "strategy": "fedit", "runs": 1, "of": 1,
+                         "round_s": first[stage], "budget_s": 1e-6} for stage in first]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(printed) == 2 and all("fedit's first round takes" in line for line in printed)
 
 
 @pytest.mark.parametrize("args, message", [

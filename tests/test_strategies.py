@@ -134,6 +134,36 @@ def test_adaptive_plans_beat_the_uniform_baseline_on_the_model(optimizer):
             np.testing.assert_allclose(plan.q, ctx.q_default)
 
 
+def test_adaptive_calibrated_plans_with_its_own_rounds_model():
+    """``noise_scale`` multiplies ``alpha = 1/|g|^2`` (so a weight of 1/2 plans as the signal
+    doubled: exact in floats) and ``progress_power`` replaces the law's; ``adaptive_calibrated``'s
+    plan is no worse than uniform sampling on its calibrated model and differs from ``adaptive``'s."""
+    ctx = _with_optimizer(_context(), "adamw")
+    est = _estimates(ctx)
+    half = strategies.Adaptive(noise_scale=0.5).plan(5, ctx, est)
+    doubled = strategies.Adaptive().plan(5, ctx, dataclasses.replace(est, signal=2 * est.signal))
+    np.testing.assert_array_equal(half.q, doubled.q)
+    np.testing.assert_array_equal(half.k, doubled.k)
+    calibrated = strategies.get_strategy("adaptive_calibrated")
+    assert (calibrated.noise_scale, calibrated.progress_power) == (
+        theory.CALIBRATED_NOISE_SCALE, theory.CALIBRATED_PROGRESS_POWER)
+    law = dataclasses.replace(theory.ADAM_LAW, progress_power=theory.CALIBRATED_PROGRESS_POWER)
+    assert calibrated.law("adamw") == law and strategies.Adaptive().law("adamw") == theory.ADAM_LAW
+    problem = solver.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2, ctx.weights,
+                                  theory.CALIBRATED_NOISE_SCALE / est.signal, 1.0, law=law,
+                                  overhead_s=ctx.round_overhead_s)
+    cfg = solver.SolverConfig(rank=R)
+    objective = lambda plan: float(solver.objective_terms(
+        problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32), cfg)["objective"])
+    plan, paper = calibrated.plan(5, ctx, est), strategies.get_strategy("adaptive").plan(5, ctx, est)
+    assert objective(plan) <= objective(ctx.uniform()) * (1 + 1e-5)
+    assert objective(plan) < objective(paper)  # the options reach the solver
+    with pytest.raises(ValueError, match="strategy_options.noise_scale must be a positive number"):
+        strategies.Adaptive(noise_scale=0.0)
+    with pytest.raises(ValueError, match="strategy_options.progress_power must be a finite number"):
+        strategies.Adaptive(progress_power=float("inf"))
+
+
 def test_observe_estimates_g2_and_signal():
     ctx = _context()
     plan = ctx.uniform(k=4)

@@ -2,7 +2,8 @@
 # Regenerates the protocol results of docs/results.md: each experiment runs `fedlora-jax compare`
 # into runs/ (reusing finished runs) and copies its tables, figures and raw metrics to docs/results/protocol_NAME.
 #   bash docs/results/regenerate.sh            # every experiment
-#   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, minilm_sgd, tiny_adamw, tiny_sgd)
+#   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, minilm_sgd, tiny_adamw, tiny_sgd,
+#                                              # tiny_adamw_calibrated, tiny_sgd_calibrated)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code
@@ -44,5 +45,13 @@ if want tiny_adamw; then
 fi
 if want tiny_sgd; then
   experiment tiny_sgd "${TINY[@]}" --strategies adaptive,fedit,hetlora \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
+fi
+CALIBRATED=(--strategies adaptive,adaptive_calibrated,hetlora,fedit --reference adaptive_calibrated)
+if want tiny_adamw_calibrated; then  # the calibrated rounds model's ablation
+  experiment tiny_adamw_calibrated "${TINY[@]}" "${CALIBRATED[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
+fi
+if want tiny_sgd_calibrated; then
+  experiment tiny_sgd_calibrated "${TINY[@]}" "${CALIBRATED[@]}" \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
 fi

@@ -19,7 +19,9 @@ shortest run's simulated time in each stage, so every run covers it; the target 
 of the best validation accuracy of the tuning stage (the test split never picks anything).
 Writes to ``OUTPUT_DIR``: ``tuning.csv/.md`` (every trial's score), ``summary.csv/.md``,
 ``paired.csv/.md``, ``accuracy_vs_clock.png`` and ``accuracy_vs_round.png`` (mean over seeds with
-its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``.
+its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``
+(with ``warnings``: the strategies whose first round outlasts a stage's budget, so that they
+complete no round within it and their result there is degenerate; printed too).
 """
 
 from __future__ import annotations
@@ -141,6 +143,28 @@ def time_to_target(rows: list[dict], target: float) -> float:
 def accuracy_at(rows: list[dict], seconds: float) -> float:
     """Held-out accuracy of the last evaluation at or before ``seconds`` of simulated time."""
     return float(stats.step_value(*curve(rows), seconds))
+
+
+def first_round_time(rows: list[dict]) -> float:
+    """Simulated seconds at the end of a run's first round."""
+    return float(next(r["sim_clock_s"] for r in rows if r.get("round", 0) >= 1))
+
+
+def roundless(stage: str, runs: dict[str, list[list[dict]]], budget: float, log=print
+              ) -> list[dict]:
+    """Strategies with runs that complete no round within ``budget`` (their first round ends
+    after it, so their score or result is the untrained model's): one warning line each, logged,
+    and returned as records for ``protocol.json``."""
+    found = []
+    for name, all_rows in runs.items():
+        late = [t for t in map(first_round_time, all_rows) if t > budget]
+        if late:
+            found.append({"stage": stage, "strategy": name, "runs": len(late), "of": len(all_rows),
+                          "round_s": min(late), "budget_s": budget})
+            log(f"compare: warning: {name}'s first round takes {min(late):.4g} s or more on "
+                f"{len(late)} of its {len(all_rows)} {stage} runs, past the {stage} budget of "
+                f"{budget:.4g} s: it completes no round there, so its result is degenerate.")
+    return found
 
 
 def score(rows: list[dict], budget: float) -> float:
@@ -381,9 +405,10 @@ def plan_protocol(args) -> Protocol:
 
 
 def tune(protocol: Protocol, out: Path, budget: float | None, pack: bool = True
-         ) -> tuple[dict[str, Setting], float, float]:
+         ) -> tuple[dict[str, Setting], float, float, list[dict]]:
     """The tuning stage (validation split only): each strategy's chosen setting, the stage's
-    budget and the best validation accuracy reached within it; writes ``tuning.*``."""
+    budget, the best validation accuracy reached within it and the :func:`roundless` warnings;
+    writes ``tuning.*``."""
     keys = [(name, s, seed) for name in protocol.names for s in protocol.grids[name]
             for seed in protocol.tune_seeds]
     done = run_configs({k: protocol.config(*k, "validation") for k in keys}, out / "tuning.jsonl",
@@ -396,14 +421,18 @@ def tune(protocol: Protocol, out: Path, budget: float | None, pack: bool = True
     write_table(table, out, "tuning", [f"Validation score: mean validation accuracy over the "
                                        f"first {budget:.4g} simulated seconds."])
     best = max(acc for rows in done.values() for t, acc in zip(*curve(rows)) if t <= budget)
-    return chosen, budget, best
+    warnings = roundless("tuning", {name: [rows for by_seed in by_setting.values()
+                                           for rows in by_seed.values()]
+                                    for name, by_setting in trials.items()}, budget)
+    return chosen, budget, best, warnings
 
 
 def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target: float,
            budget: float | None, reference: str, show_seeds: bool, pack: bool = True
-           ) -> tuple[float, list[str]]:
+           ) -> tuple[float, list[str], list[dict]]:
     """The reporting stage (test split): runs each chosen setting on the seeds, writes the
-    summary and paired tables and the figures; returns the budget and the tables written."""
+    summary and paired tables and the figures; returns the budget, the tables written and the
+    :func:`roundless` warnings."""
     # seed by seed, so an interrupted comparison leaves whole seeds to report (--seeds 0-K)
     keys = [(name, chosen[name], seed) for seed in protocol.seeds for name in protocol.names]
     done = run_configs({k: protocol.config(*k, "test") for k in keys}, out / "metrics.jsonl",
@@ -412,6 +441,8 @@ def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target:
     for (name, _, seed), rows in done.items():
         runs[name][seed] = rows
     budget = budget or shortest(runs)
+    warnings = roundless("reporting", {name: list(by_seed.values()) for name, by_seed in runs.items()},
+                         budget)
     header = [f"Test accuracy target {target:.4f}, budget {budget:.4g} simulated seconds, "
               f"{len(protocol.seeds)} paired seeds; mean [95% bootstrap CI]."]
     write_table(summarize(runs, chosen, target, budget), out, "summary",
@@ -422,23 +453,25 @@ def report(protocol: Protocol, chosen: dict[str, Setting], out: Path, *, target:
         write_table(paired_table(runs, reference, target, budget), out, "paired", header)
         tables.append("paired")
     plot(runs, target, budget, out, show_seeds=show_seeds)
-    return budget, tables
+    return budget, tables, warnings
 
 
 def main(args) -> int:
     protocol = plan_protocol(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chosen, tune_budget, best = tune(protocol, out, args.budget, pack=not args.no_pack)
+    chosen, tune_budget, best, tune_warnings = tune(protocol, out, args.budget,
+                                                    pack=not args.no_pack)
     target = 0.9 * best if args.target is None else args.target
-    budget, tables = report(protocol, chosen, out, target=target, budget=args.budget,
-                            reference=args.reference, show_seeds=args.show_seeds,
-                            pack=not args.no_pack)
+    budget, tables, warnings = report(protocol, chosen, out, target=target, budget=args.budget,
+                                      reference=args.reference, show_seeds=args.show_seeds,
+                                      pack=not args.no_pack)
     (out / "protocol.json").write_text(json.dumps(
         {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
          "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,
          "chosen": {n: s._asdict() for n, s in chosen.items()},
-         "grid": {n: [s._asdict() for s in g] for n, g in protocol.grids.items()}}, indent=2))
+         "grid": {n: [s._asdict() for s in g] for n, g in protocol.grids.items()},
+         "warnings": tune_warnings + warnings}, indent=2))
     for stem in ("tuning", *tables):
         print((out / f"{stem}.md").read_text())
     print(f"wrote {out}/: {', '.join(('tuning', *tables))} tables (.csv, .md), "

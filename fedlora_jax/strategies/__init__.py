@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from fedlora_jax import theory
 from fedlora_jax.fields import closest, coerce, from_dict, require
 from fedlora_jax.strategies.adaptive import Adaptive
 from fedlora_jax.strategies.base import (
@@ -35,6 +36,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Adaptive(name="luo", sampling_only=True),
     Adaptive(name="adaptive_sketch_only", sketch_only=True),
     Adaptive(name="adaptive_equal_bw", bandwidth="equal"),
+    Adaptive(name="adaptive_calibrated", noise_scale=theory.CALIBRATED_NOISE_SCALE,
+             progress_power=theory.CALIBRATED_PROGRESS_POWER),
 )}
 
 

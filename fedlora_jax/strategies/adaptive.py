@@ -42,6 +42,9 @@ class Adaptive(Strategy):
       sketch_only: optimize ``rho`` at the uniform ``q``.
       bandwidth: ``adaptive`` (equal finish times) or ``equal`` split of the band.
       q_min: smallest sampling probability the solver may give.
+      noise_scale: the rounds model's noise weight ``c``, ``alpha = c / |g|^2`` (the paper's: 1).
+      progress_power: the rounds a shrunk mean step costs, ``s^-p``; None: the update law's
+        (``adaptive_calibrated`` sets both to values fitted against training, docs/method.md).
     """
 
     name: str = "adaptive"
@@ -51,6 +54,8 @@ class Adaptive(Strategy):
     sketch_only: bool = False
     bandwidth: str = "adaptive"
     q_min: float = 0.05
+    noise_scale: float = 1.0
+    progress_power: float | None = None
 
     def __post_init__(self):
         if self.sampling_only and self.sketch_only:
@@ -63,6 +68,12 @@ class Adaptive(Strategy):
         if not 0 < self.q_min < 1:
             raise ValueError(f"strategy_options.q_min must be in (0, 1) (the smallest sampling "
                              f"probability {self.name} may give), got {self.q_min!r}.")
+        if not 0 < self.noise_scale < float("inf"):
+            raise ValueError(f"strategy_options.noise_scale must be a positive number (the rounds "
+                             f"model's noise weight; 1 is the paper's), got {self.noise_scale!r}.")
+        if self.progress_power is not None and not np.isfinite(self.progress_power):
+            raise ValueError(f"strategy_options.progress_power must be a finite number (e.g. 0.5, "
+                             f"the AdamW law's) or unset, got {self.progress_power!r}.")
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         sketch = ((1.0, f"{self.name} does not sketch (sampling only)") if self.sampling_only else
@@ -75,6 +86,12 @@ class Adaptive(Strategy):
         after = round - self.pilot_rounds - 1
         return round == 1 or (after >= 0 and after % self.resolve_every == 0)
 
+    def law(self, optimizer: str) -> theory.UpdateLaw:
+        """The client optimizer's update law, with ``progress_power`` if set."""
+        law = theory.update_law(optimizer)
+        return law if self.progress_power is None else dataclasses.replace(
+            law, progress_power=self.progress_power)
+
     def plan(self, round: int, ctx: Context, est: Estimates) -> Plan:
         if round <= self.pilot_rounds or est.signal <= 0:
             return ctx.uniform()
@@ -82,8 +99,8 @@ class Adaptive(Strategy):
             q_min=min(self.q_min, ctx.q_default), rank=1 if self.sampling_only else ctx.rank,
             baseline_q=ctx.q_default, baseline_rho=1.0 if self.sampling_only else 1 / ctx.rank)
         problem = solver_lib.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2,
-                                          ctx.weights, 1.0 / est.signal, 1.0,
-                                          law=theory.update_law(ctx.client_optimizer),
+                                          ctx.weights, self.noise_scale / est.signal, 1.0,
+                                          law=self.law(ctx.client_optimizer),
                                           overhead_s=ctx.round_overhead_s)
         if self.sketch_only:
             return ctx.uniform(np.asarray(sketch_only_ranks(problem, ctx.q_default, cfg)))
