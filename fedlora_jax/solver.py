@@ -51,20 +51,21 @@ class SolverConfig:
         (default: the grid point nearest 1/4).
       restarts: random starts in addition to the 3 baselines and the 8 structured starts ...
       multistart_max_clients: ... descended from up to this many clients; above, only the best of
-        the starts (by objective value) is descended, with the ``large_*`` numerics (restarts
+        the non-random starts (by objective value) is, with the ``large_*`` numerics (restarts
         matter most for few clients, and cost the most for many).
       max_iters: projected-gradient iterations per start and descent (and again for the polish
         after rounding).
+      max_backtracks: line-search backtracks per iteration.
       descents: descents in the box from every start before rounding, each restarted where the
-        last ended (up to ``multistart_max_clients`` clients; above, one).
+        last ended (0: the start's ``rho`` is rounded and only ``q`` descended).
       xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration ...
       ftol, patience: ... or after ``patience`` iterations that lower ``log J`` by less than ``ftol``.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
       quad_points: Gauss-Legendre nodes per piece of the normal surrogate.
       support_iters: regula falsi steps for the normal surrogate's integration range.
-      large_quad_points, large_support_iters, large_ftol, large_patience: the same above ``multistart_max_clients``
-        clients, where the round time is a sum over many clients (a smooth, narrow law) and one
-        evaluation costs the most.
+      large_quad_points, large_support_iters, large_ftol, large_patience, large_max_backtracks,
+        large_descents: the same above ``multistart_max_clients`` clients, where the round time is a
+        sum over many clients (a smooth, narrow law) and one evaluation costs the most.
       bisect_iters: bisection steps of the demand surrogate's root (float32: 40 is at machine precision).
       seed: PRNG seed of the random starts.
     """
@@ -76,6 +77,7 @@ class SolverConfig:
     restarts: int = 12
     multistart_max_clients: int = 500
     max_iters: int = 100
+    max_backtracks: int = 8
     descents: int = 2
     xtol: float = 1e-4
     ftol: float = 1e-6
@@ -87,6 +89,8 @@ class SolverConfig:
     large_support_iters: int = 4
     large_ftol: float = 1e-3
     large_patience: int = 2
+    large_descents: int = 0
+    large_max_backtracks: int = 3
     bisect_iters: int = 40
     seed: int = 0
 
@@ -100,8 +104,9 @@ class SolverConfig:
                 f"be k / {r} for an integer 1 <= k <= {r}")
         require(self.restarts >= 0, "SolverConfig.restarts", self.restarts, "be a count >= 0")
         require(self.max_iters >= 1, "SolverConfig.max_iters", self.max_iters, "be a count >= 1")
-        require(self.descents >= 1, "SolverConfig.descents", self.descents, "be a count >= 1")
-        for name in ("patience", "large_patience"):
+        for name in ("descents", "large_descents"):
+            require(getattr(self, name) >= 0, f"SolverConfig.{name}", getattr(self, name), "be a count >= 0")
+        for name in ("patience", "large_patience", "max_backtracks", "large_max_backtracks"):
             require(getattr(self, name) >= 1, f"SolverConfig.{name}", getattr(self, name), "be a count >= 1")
         require(self.surrogate in SURROGATES, "SolverConfig.surrogate", self.surrogate, f"be one of {SURROGATES}")
         for name in ("quad_points", "large_quad_points"):
@@ -119,7 +124,8 @@ class SolverConfig:
             return self
         return dataclasses.replace(self, quad_points=self.large_quad_points,
                                    support_iters=self.large_support_iters, ftol=self.large_ftol,
-                                   patience=self.large_patience)
+                                   patience=self.large_patience, max_backtracks=self.large_max_backtracks,
+                                   descents=self.large_descents)
 
     @property
     def fixed_ratio(self) -> float:
@@ -284,8 +290,8 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
     the largest of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello
     and Lucidi), each backtrack to the minimum of the quadratic through ``f(x)``, the slope and the
     rejected value (safeguarded to 1/10..1/2 of the move: one or two where halving takes several).
-    Stops when no coordinate moves by ``xtol``, when ``max_backtracks`` backtracks find no acceptable
-    point, or after ``patience`` iterations without a new best lower by ``ftol`` (absolute: ``f`` is
+    Stops when no coordinate moves by ``xtol``, when ``max_backtracks`` backtracks (or those whose
+    move could still gain ``ftol`` to first order) find no acceptable point, or after ``patience`` iterations without a new best lower by ``ftol`` (absolute: ``f`` is
     a log).
     The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand reaches
     the band, docs/method.md): the monotone rule (``memory = 1``) stops sooner there, at as good a
@@ -299,9 +305,10 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
         d = project(x - step * g) - x
         slope = jnp.vdot(g, d)
 
-        def cond(c):
+        def cond(c):  # give up once the move could gain no more than ftol (to first order)
             lam, _, fn, _, tries = c
-            return (tries == 0) | ((tries <= max_backtracks) & ~(fn <= f_ref + 1e-4 * lam * slope))
+            return (tries == 0) | ((tries <= max_backtracks) & (-lam * slope >= ftol)
+                                   & ~(fn <= f_ref + 1e-4 * lam * slope))
 
         def body(c):
             lam, _, fn, _, tries = c
@@ -401,19 +408,18 @@ def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig
         starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), box.rank) / box.rank))
 
-    # The first `descents` phases descend in the box from every start, each from where the last
+    # The first `cfg.descents` phases descend in the box from every start, each from where the last
     # ended (a restart: the Barzilai-Borwein step and the stall count begin afresh); the last rounds
     # each rho to the grid and re-optimizes q alone (rho's bounds pinned). One loop, so the descent
     # is compiled once.
-    descents = 1 if large else cfg.descents
     def phase(i, carry):
         xs, _, f_starts = carry
-        box_phase = i < descents
+        box_phase = i < cfg.descents
         xs = jnp.where(box_phase, xs, on_grid(xs))
         los = jnp.where(box_phase, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
         his = jnp.where(box_phase, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
         descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol, ftol=cfg.ftol,
-                                                patience=cfg.patience)
+                                                patience=cfg.patience, max_backtracks=cfg.max_backtracks)
         if len(xs) == 1:  # a vmapped while loop selects its whole state every step: skip it
             xs, fs, f0 = jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
         else:
@@ -421,7 +427,7 @@ def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig
         return xs, fs, jnp.where(i == 0, f0, f_starts)  # phase 0's start values: the baselines' too
 
     zeros = jnp.zeros(len(starts), dtype)
-    xs, fs, f_starts = jax.lax.fori_loop(0, descents + 1, phase, (starts, zeros, zeros))
+    xs, fs, f_starts = jax.lax.fori_loop(0, cfg.descents + 1, phase, (starts, zeros, zeros))
     # The best polished start, or a baseline (on the grid, its log J known from the screening or
     # the first evaluation of its descent) if one is better: never worse. E[T] = J / rounds.
     candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])

@@ -165,9 +165,9 @@ def test_large_numerics_apply_above_multistart_max_clients():
     cfg = S.SolverConfig(rank=8, multistart_max_clients=32)
     assert cfg.for_clients(32) is cfg
     large = cfg.for_clients(64)
-    assert (large.quad_points, large.support_iters, large.ftol, large.patience) == (
-        cfg.large_quad_points, cfg.large_support_iters, cfg.large_ftol, cfg.large_patience) != (
-        cfg.quad_points, cfg.support_iters, cfg.ftol, cfg.patience)
+    fields = ("quad_points", "support_iters", "ftol", "patience", "max_backtracks", "descents")
+    assert [getattr(large, f) for f in fields] == [getattr(cfg, "large_" + f) for f in fields]
+    assert all(getattr(cfg, f) != getattr(large, f) for f in fields)
 
 
 def test_split_point_by_regula_falsi_matches_bisection():
