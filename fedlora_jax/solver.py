@@ -11,13 +11,15 @@ user's own compute seconds, upload bits and SNR per Hz, or built from a profile 
 
 The problem is non-convex and its optima sit on the bounds, so we run projected gradient descent
 on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip) with
-Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform, fixed-ratio and
-full baselines, starts from the problem's structure (everyone at ``q = 1`` or ``q_min``, with the
-slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and random points, vmapped,
-for up to ``multistart_max_clients`` clients; above, from the best of the non-random starts alone. ``rho`` is
-then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
-returned worse than the baselines. Clients are padded to a few bucket sizes, so a sweep over the
-client count compiles once per bucket; the bandwidth, the round cost and the box (rank, bounds,
+Barzilai-Borwein steps and a backtracking Armijo line search, from several starts -- the uniform,
+fixed-ratio and full baselines, starts from the problem's structure (everyone at ``q = 1`` or
+``q_min``, with the slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and
+random points, vmapped, each descended twice (the second a restart where the first ended), for up
+to ``multistart_max_clients`` clients. ``rho`` is then rounded to the grid ``k / r``, ``q``
+re-polished at the rounded ``rho``, and the result never returned worse than the baselines. Above
+``multistart_max_clients`` clients only the best of the non-random starts is rounded and polished.
+Clients are padded to a few bucket sizes, so a sweep over the client count compiles once per
+bucket; the bandwidth, the round cost and the box (rank, bounds,
 baselines: :class:`Box`) are traced values.
 """
 
