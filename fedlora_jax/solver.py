@@ -288,17 +288,17 @@ def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Arr
     ``(x, f(x), f(x0))``.
 
     Each iteration moves to the projection of ``x - s g`` (``s``: the BB1 step ``|dx|^2 / dx.dg``;
-    the first moves the largest coordinate that the bounds let move by 1), backtracking along the move until ``f`` is below
-    the largest of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello
-    and Lucidi), each backtrack to the minimum of the quadratic through ``f(x)``, the slope and the
-    rejected value (safeguarded to 1/10..1/2 of the move: one or two where halving takes several).
-    Stops when no coordinate moves by ``xtol``, when ``max_backtracks`` backtracks (or those whose
-    move could still gain ``ftol`` to first order) find no acceptable point, or after ``patience`` iterations without a new best lower by ``ftol`` (absolute: ``f`` is
-    a log).
-    The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand reaches
-    the band, docs/method.md): the monotone rule (``memory = 1``) stops sooner there, at as good a
-    point. Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a
-    trial is usually accepted: a small compile, one pass an iteration.
+    the first moves by 1 the largest coordinate that its bounds let move), backtracking along the
+    move until ``f`` is below the largest of the last ``memory`` values (the nonmonotone Armijo rule
+    of Grippo, Lampariello and Lucidi), each backtrack to the minimum of the quadratic through
+    ``f(x)``, the slope and the rejected value (safeguarded to 1/10..1/2 of the move: one or two
+    where halving takes several). Stops when no coordinate moves by ``xtol``, when ``max_backtracks``
+    backtracks (or those whose move could still gain ``ftol`` to first order) find no acceptable
+    point, or after ``patience`` iterations without a new best lower by ``ftol`` (absolute: ``f`` is
+    a log). The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand
+    reaches the band, docs/method.md): the monotone rule (``memory = 1``) stops sooner there, at as
+    good a point. Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site,
+    and a trial is usually accepted: a small compile, one pass an iteration.
     """
     value_and_grad = jax.value_and_grad(f)
     project = lambda x: jnp.clip(x, lo, hi)
