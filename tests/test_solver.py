@@ -386,7 +386,8 @@ def test_sketch_only_ranks_compile_once_for_every_rank():
 
     prof, g2, a, alpha, beta = _problem(5, seed=9)
     problem = S.make_problem(prof, SYS, WORK, g2, a, alpha, beta, overhead_s=0.05)
-    objective = jax.jit(lambda rho: S.objective_terms(problem, jnp.full(5, 0.5), rho, S.SolverConfig(rank=1))["objective"])
+    objective = jax.jit(lambda rho: S.objective_terms(problem, jnp.full(5, 0.5), rho,
+                                                      S.SolverConfig(rank=1))["objective"])
     compiles = adaptive._sketch_only_ranks._cache_size()
     for rank in (2, 4, 8):
         k = np.asarray(adaptive.sketch_only_ranks(problem, 0.5, S.SolverConfig(rank=rank, max_iters=5)))
