@@ -11,13 +11,15 @@ user's own compute seconds, upload bits and SNR per Hz, or built from a profile 
 
 The problem is non-convex and its optima sit on the bounds, so we run projected gradient descent
 on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip) with
-Barzilai-Borwein steps and an Armijo safeguard, from several starts -- the uniform, fixed-ratio and
-full baselines, starts from the problem's structure (everyone at ``q = 1`` or ``q_min``, with the
-slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and random points, vmapped,
-for up to ``multistart_max_clients`` clients; above, from the best of the non-random starts alone. ``rho`` is
-then rounded to the grid ``k / r``, ``q`` re-polished at the rounded ``rho``, and the result never
-returned worse than the baselines. Clients are padded to a few bucket sizes, so a sweep over the
-client count compiles once per bucket; the bandwidth, the round cost and the box (rank, bounds,
+Barzilai-Borwein steps and a backtracking Armijo line search, from several starts -- the uniform,
+fixed-ratio and full baselines, starts from the problem's structure (everyone at ``q = 1`` or
+``q_min``, with the slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and
+random points, vmapped, each descended twice (the second a restart where the first ended), for up
+to ``multistart_max_clients`` clients. ``rho`` is then rounded to the grid ``k / r``, ``q``
+re-polished at the rounded ``rho``, and the result never returned worse than the baselines. Above
+``multistart_max_clients`` clients only the best of the non-random starts is rounded and polished.
+Clients are padded to a few bucket sizes, so a sweep over the client count compiles once per
+bucket; the bandwidth, the round cost and the box (rank, bounds,
 baselines: :class:`Box`) are traced values.
 """
 
@@ -51,17 +53,21 @@ class SolverConfig:
         (default: the grid point nearest 1/4).
       restarts: random starts in addition to the 3 baselines and the 8 structured starts ...
       multistart_max_clients: ... descended from up to this many clients; above, only the best of
-        the starts (by objective value) is descended, with the ``large_*`` numerics (restarts
+        the non-random starts (by objective value) is, with the ``large_*`` numerics (restarts
         matter most for few clients, and cost the most for many).
-      max_iters: projected-gradient iterations per start (and again for the polish after rounding).
+      max_iters: projected-gradient iterations per start and descent (and again for the polish
+        after rounding).
+      max_backtracks: line-search backtracks per iteration.
+      descents: descents in the box from every start before rounding, each restarted where the
+        last ended (0: the start's ``rho`` is rounded and only ``q`` descended).
       xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration ...
-      ftol: ... or after 5 iterations that lower ``log J`` by less than this.
+      ftol, patience: ... or after ``patience`` iterations that lower ``log J`` by less than ``ftol``.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
       quad_points: Gauss-Legendre nodes per piece of the normal surrogate.
       support_iters: regula falsi steps for the normal surrogate's integration range.
-      large_quad_points, large_support_iters, large_ftol: the same above ``multistart_max_clients``
-        clients, where the round time is a sum over many clients (a smooth, narrow law) and one
-        evaluation costs the most.
+      large_quad_points, large_support_iters, large_ftol, large_patience, large_max_backtracks,
+        large_descents: the same above ``multistart_max_clients`` clients, where the round time is a
+        sum over many clients (a smooth, narrow law) and one evaluation costs the most.
       bisect_iters: bisection steps of the demand surrogate's root (float32: 40 is at machine precision).
       seed: PRNG seed of the random starts.
     """
@@ -70,17 +76,23 @@ class SolverConfig:
     q_min: float = 0.05
     baseline_q: float = 0.2
     baseline_rho: float | None = None
-    restarts: int = 4
+    restarts: int = 12
     multistart_max_clients: int = 500
     max_iters: int = 100
+    max_backtracks: int = 8
+    descents: int = 2
     xtol: float = 1e-4
     ftol: float = 1e-6
+    patience: int = 5
     surrogate: str = "normal"
     quad_points: int = 24
     support_iters: int = 12
     large_quad_points: int = 8
     large_support_iters: int = 4
-    large_ftol: float = 1e-4
+    large_ftol: float = 1e-3
+    large_patience: int = 2
+    large_descents: int = 0
+    large_max_backtracks: int = 3
     bisect_iters: int = 40
     seed: int = 0
 
@@ -94,6 +106,10 @@ class SolverConfig:
                 f"be k / {r} for an integer 1 <= k <= {r}")
         require(self.restarts >= 0, "SolverConfig.restarts", self.restarts, "be a count >= 0")
         require(self.max_iters >= 1, "SolverConfig.max_iters", self.max_iters, "be a count >= 1")
+        for name in ("descents", "large_descents"):
+            require(getattr(self, name) >= 0, f"SolverConfig.{name}", getattr(self, name), "be a count >= 0")
+        for name in ("patience", "large_patience", "max_backtracks", "large_max_backtracks"):
+            require(getattr(self, name) >= 1, f"SolverConfig.{name}", getattr(self, name), "be a count >= 1")
         require(self.surrogate in SURROGATES, "SolverConfig.surrogate", self.surrogate, f"be one of {SURROGATES}")
         for name in ("quad_points", "large_quad_points"):
             require(getattr(self, name) >= 3, f"SolverConfig.{name}", getattr(self, name), "be at least 3 (nodes)")
@@ -109,7 +125,9 @@ class SolverConfig:
         if n <= self.multistart_max_clients:
             return self
         return dataclasses.replace(self, quad_points=self.large_quad_points,
-                                   support_iters=self.large_support_iters, ftol=self.large_ftol)
+                                   support_iters=self.large_support_iters, ftol=self.large_ftol,
+                                   patience=self.large_patience, max_backtracks=self.large_max_backtracks,
+                                   descents=self.large_descents)
 
     @property
     def fixed_ratio(self) -> float:
@@ -264,57 +282,67 @@ def objective_terms(problem: Problem, q: jax.Array, rho: jax.Array, cfg: SolverC
 # ----------------------------------------------------------------------------- projected gradient
 
 def minimize_box(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array, hi: jax.Array,
-                 max_iters: int, xtol: float, memory: int = 1, max_halvings: int = 8, ftol: float = 1e-6,
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 max_iters: int, xtol: float, memory: int = 1, max_backtracks: int = 8, ftol: float = 1e-6,
+                 patience: int = 5) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projected gradient with Barzilai-Borwein steps on ``lo <= x <= hi``; returns
     ``(x, f(x), f(x0))``.
 
     Each iteration moves to the projection of ``x - s g`` (``s``: the BB1 step ``|dx|^2 / dx.dg``;
-    the first moves the largest coordinate by 1), halving the move until ``f`` is below the largest
-    of the last ``memory`` values (the nonmonotone Armijo rule of Grippo, Lampariello and Lucidi).
-    Stops when no coordinate moves by ``xtol``, when ``max_halvings`` halvings find no acceptable
-    point, or after 5 iterations without a new best lower by ``ftol`` (absolute: ``f`` is a log).
-    The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand reaches the band, docs/method.md): the monotone rule
-    (``memory = 1``) stops sooner there, at as good a point.
-    Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site, and a trial is
-    usually accepted: a small compile, one pass an iteration.
+    the first moves by 1 the largest coordinate that its bounds let move), backtracking along the
+    move until ``f`` is below the largest of the last ``memory`` values (the nonmonotone Armijo rule
+    of Grippo, Lampariello and Lucidi), each backtrack to the minimum of the quadratic through
+    ``f(x)``, the slope and the rejected value (safeguarded to 1/10..1/2 of the move: one or two
+    where halving takes several). Stops when no coordinate moves by ``xtol``, when ``max_backtracks``
+    backtracks (or those whose move could still gain ``ftol`` to first order) find no acceptable
+    point, or after ``patience`` iterations without a new best lower by ``ftol`` (absolute: ``f`` is
+    a log). The normal surrogate is piecewise smooth only (its CDF jumps where one client's demand
+    reaches the band, docs/method.md): the monotone rule (``memory = 1``) stops sooner there, at as
+    good a point. Returns the best point seen, so ``f(x) <= f(x0)``. One value-and-gradient site,
+    and a trial is usually accepted: a small compile, one pass an iteration.
     """
     value_and_grad = jax.value_and_grad(f)
     project = lambda x: jnp.clip(x, lo, hi)
 
-    def line_search(x, g, step, f_ref):
+    def line_search(x, fx, g, step, f_ref):
         d = project(x - step * g) - x
-        slope = 1e-4 * jnp.vdot(g, d)
+        slope = jnp.vdot(g, d)
 
-        def cond(c):
+        def cond(c):  # give up once the move could gain no more than ftol (to first order)
             lam, _, fn, _, tries = c
-            return (tries == 0) | ((tries <= max_halvings) & ~(fn <= f_ref + lam * slope))
+            return (tries == 0) | ((tries <= max_backtracks) & (-lam * slope >= ftol)
+                                   & ~(fn <= f_ref + 1e-4 * lam * slope))
 
         def body(c):
-            lam, _, _, _, tries = c
-            lam = jnp.where(tries == 0, 1.0, 0.5 * lam)
+            lam, _, fn, _, tries = c
+            # Backtrack to the minimum of the quadratic through f(x), its slope and f(x + lam d),
+            # kept in [lam / 10, lam / 2] (halving where that value is not finite).
+            curv = fn - fx - lam * slope
+            quad = jnp.where(curv > 0, -slope * lam ** 2 / (2 * jnp.where(curv > 0, curv, 1.0)), 0.5 * lam)
+            lam = jnp.where(tries == 0, 1.0, jnp.where(jnp.isfinite(fn), jnp.clip(quad, 0.1 * lam, 0.5 * lam),
+                                                         0.5 * lam))
             xn = x + lam * d
             fn, gn = value_and_grad(xn)
             return lam, xn, fn, gn, tries + 1
 
         lam, xn, fn, gn, _ = jax.lax.while_loop(cond, body, (1.0, x, jnp.inf, g, 0))
-        return xn, jnp.where(jnp.isfinite(fn), fn, jnp.inf), gn, fn <= f_ref + lam * slope
+        return xn, jnp.where(jnp.isfinite(fn), fn, jnp.inf), gn, fn <= f_ref + 1e-4 * lam * slope
 
     def cond(c):
         it, *_, done = c
         return (it < max_iters) & ~done
 
     def body(c):
-        it, x, _, g, step, hist, best_x, best_f, f_start, stall, _ = c
-        xn, fn, gn, ok = line_search(x, g, step, jnp.max(hist))  # iteration 0: g = 0, evaluates x0
+        it, x, fx, g, step, hist, best_x, best_f, f_start, stall, _ = c
+        xn, fn, gn, ok = line_search(x, fx, g, step, jnp.max(hist))  # iteration 0: g = 0, evaluates x0
         dx, dg = xn - x, gn - g
         curv = jnp.vdot(dx, dg)
         bb = jnp.where(curv > 0, jnp.vdot(dx, dx) / jnp.where(curv > 0, curv, 1.0), 2.0 * step)
-        step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.abs(gn)), 1e-30), bb)
+        free = jnp.where(gn > 0, xn > lo, xn < hi)  # the coordinates a step along -g can move
+        step = jnp.where(it == 0, 1.0 / jnp.maximum(jnp.max(jnp.where(free, jnp.abs(gn), 0.0)), 1e-30), bb)
         hist = jnp.where(it == 0, fn, jnp.roll(hist, 1).at[0].set(fn))
         better = fn < best_f - ftol
         stall = jnp.where(better, 0, stall + 1)
-        done = (it > 0) & ((jnp.max(jnp.abs(dx)) < xtol) | ~ok | (stall >= 5))
+        done = (it > 0) & ((jnp.max(jnp.abs(dx)) < xtol) | ~ok | (stall >= patience))
         return (it + 1, xn, fn, gn, jnp.clip(step, 1e-10, 1e10), hist, jnp.where(fn < best_f, xn, best_x),
                 jnp.minimum(fn, best_f), jnp.where(it == 0, fn, f_start), stall, done)
 
@@ -382,14 +410,18 @@ def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig
         starts = jnp.concatenate([starts, lo + (hi - lo) * jax.random.uniform(key, (cfg.restarts, 2, n), dtype)])
     on_grid = lambda x: x.at[:, 1].set(jnp.log(round_rho(jnp.exp(x[:, 1]), box.rank) / box.rank))
 
-    # Phase 0 descends in the box from every start; phase 1 rounds each rho to the grid and
-    # re-optimizes q alone (rho's bounds pinned). One loop, so the descent is compiled once.
+    # The first `cfg.descents` phases descend in the box from every start, each from where the last
+    # ended (a restart: the Barzilai-Borwein step and the stall count begin afresh); the last rounds
+    # each rho to the grid and re-optimizes q alone (rho's bounds pinned). One loop, so the descent
+    # is compiled once.
     def phase(i, carry):
         xs, _, f_starts = carry
-        xs = jnp.where(i == 0, xs, on_grid(xs))
-        los = jnp.where(i == 0, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
-        his = jnp.where(i == 0, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
-        descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol, ftol=cfg.ftol)
+        box_phase = i < cfg.descents
+        xs = jnp.where(box_phase, xs, on_grid(xs))
+        los = jnp.where(box_phase, lo, jnp.stack([jnp.broadcast_to(lo[0], xs[:, 0].shape), xs[:, 1]], 1))
+        his = jnp.where(box_phase, hi, jnp.stack([jnp.broadcast_to(hi[0], xs[:, 0].shape), xs[:, 1]], 1))
+        descend = lambda x0, l, h: minimize_box(f, x0, l, h, cfg.max_iters, cfg.xtol, ftol=cfg.ftol,
+                                                patience=cfg.patience, max_backtracks=cfg.max_backtracks)
         if len(xs) == 1:  # a vmapped while loop selects its whole state every step: skip it
             xs, fs, f0 = jax.tree.map(lambda v: v[None], descend(xs[0], los[0], his[0]))
         else:
@@ -397,7 +429,7 @@ def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig
         return xs, fs, jnp.where(i == 0, f0, f_starts)  # phase 0's start values: the baselines' too
 
     zeros = jnp.zeros(len(starts), dtype)
-    xs, fs, f_starts = jax.lax.fori_loop(0, 2, phase, (starts, zeros, zeros))
+    xs, fs, f_starts = jax.lax.fori_loop(0, cfg.descents + 1, phase, (starts, zeros, zeros))
     # The best polished start, or a baseline (on the grid, its log J known from the screening or
     # the first evaluation of its descent) if one is better: never worse. E[T] = J / rounds.
     candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])

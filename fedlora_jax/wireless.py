@@ -835,6 +835,18 @@ def _gauss_legendre(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (x + 1.0), 0.5 * w
 
 
+def _split_point(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array, exact: jax.Array) -> jax.Array:
+    """Where the normal law's step is: the round time of the exactly summed clients all present and
+    each other client ``n`` at its mean demand ``q_n b_n`` (a client with bits and SNR-bandwidth
+    both scaled by ``q`` needs ``q b``). ``T(all)`` at ``q = 1``, and its implicit gradient in a
+    ``q_n`` is the mean shift ``b_n / (d demand / d tau)``: the one-sided derivative there, where
+    the normal law has no spread left and the quadrature alone would give 0."""
+    on = q > 0
+    scale = jnp.where(on & ~jnp.zeros(q.shape, bool).at[exact].set(True), q, 1.0)
+    scaled = ClientTimes(compute=times.compute, bits=times.bits * scale, snr_bw=times.snr_bw * scale)
+    return adaptive_round_time(scaled, on, bandwidth_hz, _SPLIT_ITERS, regula_falsi_decreasing)
+
+
 def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: float | jax.Array,
                                num_points: int = 24, tail: float = 1e-4, iters: int = 12,
                                min_round_s: float | jax.Array = 0.0,
@@ -842,14 +854,17 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     """``E[max(T, m)] = m + int_m^inf (1 - P(T <= tau)) dtau`` with the CDF ``F`` of
     :func:`round_time_cdf_normal` (``m = min_round_s``: no round, empty ones included, is shorter).
 
-    Below the range ``[a, b]`` from :func:`_support` (``iters`` regula falsi steps) ``1 - F`` is the
-    probability ``1 - p0`` that anyone takes part. The range is split at the round time ``c`` of
-    every client that can take part (``q > 0``), where ``F`` steps up as ``q -> 1``:
-    ``int_a^b (1 - F) = (c - a) - int_a^c F + int_c^b (1 - F)``, each piece by Gauss-Legendre on
-    ``num_points`` nodes (the inverse rate law read from its table). ``c`` carries exact
-    (implicit-function) gradients, so ``E[T]`` and its gradient are exact at ``q = 1``. Clients
-    with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`); if nobody can, every
-    round is empty and lasts ``m``.
+    Below the range ``[a, b]`` from :func:`_support` (``iters`` regula falsi steps) ``F`` is the
+    probability ``p0`` of the empty round. The integral is split at ``c``, the normal law's step
+    (:func:`_split_point`), into two pieces of one length ``L = max(c - a, b - c)``, each by
+    Gauss-Legendre on ``num_points`` nodes (the inverse rate law read from its table):
+    ``int_a^inf (1 - F) = (1 - p0)(c - a) - int_{c-L}^c (F - p0) + int_c^{c+L} (1 - F)``, ``F``
+    read at ``max(tau, a)`` below ``a`` (one more node corrects for it). The nodes mirror each other
+    about ``c``, so a step of ``F`` at ``c`` narrower than their spacing (the normal law's spread
+    ``~ sqrt(1 - q)`` as ``q -> 1``) adds the same on both sides and cancels: the value moves with
+    ``c`` alone, and ``c``'s implicit gradient is the exact one-sided derivative at ``q = 1``.
+    Clients with ``q = 0`` never take part (the padding of :mod:`fedlora_jax.solver`); if nobody
+    can, every round is empty and lasts ``m``.
     """
     anyone = jnp.any(q > 0)
     q = jnp.where(anyone, q, 1.0)  # safe where: the value below is then finite, and unused
@@ -857,17 +872,21 @@ def expected_round_time_normal(times: ClientTimes, q: jax.Array, bandwidth_hz: f
     a, b = _support(times, q, bandwidth_hz, tail, iters, exact)
     m = jnp.asarray(min_round_s, a.dtype)
     lo, hi = jnp.maximum(a, m), jnp.maximum(b, m)
-    c = jnp.clip(adaptive_round_time(times, q > 0, bandwidth_hz, _SPLIT_ITERS, regula_falsi_decreasing), lo, hi)
+    c = jnp.clip(_split_point(times, q, bandwidth_hz, exact), lo, hi)
+    length = jnp.maximum(c - lo, hi - c)
+    p0 = jnp.prod(1.0 - q)
     x, w = (jnp.asarray(v, a.dtype) for v in _gauss_legendre(num_points))
-    nodes = jnp.concatenate([lo + (c - lo) * x, c + (hi - c) * x])
-    weights = jnp.concatenate([(c - lo) * w, (hi - c) * w])  # int_lo^c (0 - F) + int_c^hi (1 - F)
-    above = jnp.arange(2 * num_points) >= num_points
+    # -int_{c-L}^c (F(max(tau, lo)) - p0) + int_c^{c+L} (1 - F) + (F(lo) - p0)(lo - c + L): each node
+    # adds weight * (target - F(tau)).
+    nodes = jnp.concatenate([jnp.maximum(c - length * x, lo), c + length * x, lo[None]])
+    weights = jnp.concatenate([length * w, length * w, (c - length - lo)[None]])
+    targets = jnp.concatenate([jnp.full(num_points, p0), jnp.ones(num_points, a.dtype), p0[None]])
 
     @jax.checkpoint  # one node at a time, recomputed in the backward pass: (N,) arrays stay in cache
     def add_node(acc, node):
-        tau, weight, up = node
+        tau, weight, target = node
         cdf = round_time_cdf_normal(times, q, bandwidth_hz, tau, 0, exact=exact)
-        return acc + weight * (jnp.where(up, 1.0, 0.0) - cdf), None
+        return acc + weight * (target - cdf), None
 
-    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, above))
-    return jnp.where(anyone, m + (1.0 - jnp.prod(1.0 - q)) * (lo - m) + (c - lo) + integral, m)
+    integral, _ = jax.lax.scan(add_node, jnp.zeros((), a.dtype), (nodes, weights, targets))
+    return jnp.where(anyone, m + (1.0 - p0) * (c - m) + integral, m)

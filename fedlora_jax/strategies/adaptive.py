@@ -109,18 +109,23 @@ class Adaptive(Strategy):
         return Plan(np.asarray(result.q, np.float32), k.astype(np.int32))
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def sketch_only_ranks(problem: solver_lib.Problem, q: float, cfg: solver_lib.SolverConfig
-                      ) -> jax.Array:
+def sketch_only_ranks(problem: solver_lib.Problem, q: float, cfg: solver_lib.SolverConfig) -> jax.Array:
     """Kept ranks minimizing ``J`` at a fixed uniform ``q``: projected gradient in ``log rho`` from
-    ``rho = 1``, rounded to the grid, never worse than ``rho = 1``."""
+    ``rho = 1``, rounded to the grid, never worse than ``rho = 1``. The rank and bounds are traced
+    (``cfg.box()``), so a new rank does not recompile."""
+    return _sketch_only_ranks(problem, q, cfg.box(), cfg.numerics())
+
+
+@functools.partial(jax.jit, static_argnames="numerics")
+def _sketch_only_ranks(problem: solver_lib.Problem, q: float, box: solver_lib.Box,
+                       numerics: solver_lib.SolverConfig) -> jax.Array:
     n = problem.a.shape[0]
     q = jnp.full(n, q)
-    objective = lambda rho: solver_lib.objective_terms(problem, q, rho, cfg)["objective"]
+    objective = lambda rho: solver_lib.objective_terms(problem, q, rho, numerics)["objective"]
     x, *_ = solver_lib.minimize_box(lambda x: jnp.log(objective(jnp.exp(x))), jnp.zeros(n),
-                                   jnp.full(n, -np.log(cfg.rank)), jnp.zeros(n), cfg.max_iters,
-                                   cfg.xtol)
-    k = solver_lib.round_rho(jnp.exp(x), cfg.rank)
-    full = jnp.full(n, cfg.rank)
-    better = objective(k / cfg.rank) <= objective(jnp.ones(n))
+                                   jnp.full(n, -jnp.log(box.rank)), jnp.zeros(n), numerics.max_iters,
+                                   numerics.xtol)
+    k = solver_lib.round_rho(jnp.exp(x), box.rank)
+    full = jnp.full(n, box.rank)
+    better = objective(k / box.rank) <= objective(jnp.ones(n))
     return jnp.where(better, k, full)
