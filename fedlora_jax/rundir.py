@@ -8,7 +8,8 @@ a folder that another live run holds, or that holds a run already when neither `
 identity. The run writes into the folder only after its config, data and model were validated.
 
 ``config_history.jsonl`` is append-only: one line per start or resume, with the first round the
-config applies to, the settings changed since the previous line, and the whole config.
+config applies to, the settings changed since the previous line, the whole config and the
+fingerprint of the package's code that ran it (:func:`code_fingerprint`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -140,14 +143,42 @@ def clear(out: Path) -> None:
 
 
 def record_config(out: Path, cfg: dict, from_round: int, changed: dict[str, tuple]) -> None:
-    """Writes ``config.json`` and appends the config, the round it applies from and what changed
-    to ``config_history.jsonl``."""
+    """Writes ``config.json`` and appends the config, the round it applies from, what changed and
+    the code's fingerprint to ``config_history.jsonl``."""
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     entry = {"from_round": from_round,
              "changed": {k: {"old": old, "new": new} for k, (old, new) in changed.items()},
-             "config": cfg}
+             "config": cfg, "code": code_fingerprint()}
     with open(out / HISTORY_FILE, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A short hash of the package's source files: a run's results depend on its code as much as
+    on its config (a registered strategy's constants, a fix), so reusing a finished run
+    (``fedlora-jax compare``) needs both equal."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def finished_rows(cfg: config_lib.RunConfig) -> list[dict] | None:
+    """The metrics rows of a run that finished all ``cfg.federation.rounds`` in
+    ``cfg.output_dir`` with the same config and, at every start and resume, the same code; else
+    None. What ``compare`` and ``sweep`` reuse, so an interrupted one continues where it stopped
+    and a changed setting or package reruns."""
+    out = Path(cfg.output_dir)
+    try:
+        same = (json.loads((out / CONFIG_FILE).read_text())
+                == json.loads(json.dumps(config_lib.to_dict(cfg)))
+                and {entry.get("code") for entry in config_history(out)} == {code_fingerprint()})
+        rows = metrics.read_rows(out) if same else []
+    except (OSError, ValueError):
+        return None
+    return rows if rows and rows[-1].get("round") == cfg.federation.rounds else None
 
 
 def config_history(out: str | Path) -> list[dict]:

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from fedlora_jax import stats
+from fedlora_jax import rundir, stats
 from fedlora_jax.cli import build_parser, main
 from fedlora_jax.commands import compare
 from fedlora_jax.commands.compare import Setting
@@ -220,6 +220,20 @@ def test_compare_records_a_budget_shorter_than_a_round(tmp_path, capsys):
                          "round_s": first[stage], "budget_s": 1e-6} for stage in first]
     printed = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(printed) == 2 and all("fedit's first round takes" in line for line in printed)
+
+
+def test_compare_reuses_only_runs_of_the_same_settings_and_code(tmp_path, capsys, monkeypatch):
+    compile_cache.enable()
+    args = ["compare", "--preset", "tiny", "--rounds", "1", "--strategies", "fedit", "--seeds", "3",
+            "--tune-seeds", "7", "--lr-grid", "0.005", "--output-dir", str(tmp_path)]
+    reused = lambda: capsys.readouterr().out.count("(finished before: reused)")
+    assert main(args) == 0 and reused() == 0
+    assert main(args) == 0 and reused() == 2  # the tuning run and the reporting run
+    assert main([*args, "--set", "federation.participants=3"]) == 0 and reused() == 0  # other settings
+    monkeypatch.setattr(rundir, "code_fingerprint", lambda: "other code")
+    assert main([*args, "--set", "federation.participants=3"]) == 0 and reused() == 0
+    history = rundir.config_history(tmp_path / "fedit" / "seed3")
+    assert [entry["code"] for entry in history] == ["other code"]
 
 
 @pytest.mark.parametrize("args, message", [

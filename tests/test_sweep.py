@@ -1,4 +1,5 @@
-"""``fedlora-jax sweep``: one run per grid point, one table and plot, resumable, strict keys."""
+"""``fedlora-jax sweep``: one run per grid point, one table and plot, resumable (only with the
+same settings), strict keys."""
 
 import csv
 import json
@@ -45,6 +46,10 @@ def test_sweep_writes_one_table_and_resumes(tmp_path, capsys):
     assert main(["sweep", *GRID, "--output-dir", str(out)]) == 0
     assert capsys.readouterr().out.count("(done, skipped)") == 2
     assert json.loads((out / "sweep.json").read_text())[0]["final_eval_accuracy"] == -1.0
+    # Other settings: every point runs again.
+    assert main(["sweep", *GRID, "--rounds", "2", "--output-dir", str(out)]) == 0
+    assert "(done, skipped)" not in capsys.readouterr().out
+    assert [r["rounds"] for r in json.loads((out / "sweep.json").read_text())] == [2, 2]
 
 
 @pytest.mark.parametrize("grid, message", [

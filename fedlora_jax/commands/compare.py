@@ -50,8 +50,8 @@ EXAMPLE = textwrap.dedent("""\
     rate times 0.1, 0.3, 1, 3) on --tune-seeds, scored on the validation split, then run with its
     best setting on --seeds and scored on the test split. Evaluation runs every round unless
     --set eval_every=N says otherwise (time to target is read at evaluations). Runs finished
-    before in OUTPUT_DIR with the same settings are reused, so an interrupted comparison
-    continues where it stopped; delete a run's folder to redo it.
+    before in OUTPUT_DIR with the same settings and the same code are reused, so an interrupted
+    comparison continues where it stopped; delete a run's folder to redo it.
 
     Packing: runs that differ only in seed, learning rates, network and a strategy of the same
     aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
@@ -306,29 +306,15 @@ def plot(runs: Runs, target: float, budget: float, out: Path, *, show_seeds: boo
 
 # ------------------------------------------------------------------------------------ runs ---
 
-def finished_run(cfg) -> list[dict] | None:
-    """The metrics of a run that already finished in ``cfg.output_dir`` with the same settings
-    (so an interrupted comparison picks up where it stopped), else None."""
-    from fedlora_jax import metrics
-    from fedlora_jax.config import to_dict
-
-    out = Path(cfg.output_dir)
-    try:
-        same = json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
-        rows = metrics.read_rows(out) if same else []
-    except (OSError, ValueError):
-        return None
-    return rows if rows and rows[-1].get("round") == cfg.federation.rounds else None
-
-
 def run_configs(cfgs: dict[tuple, object], jsonl: Path, log=print, pack: bool = True
                 ) -> dict[tuple, list[dict]]:
     """Trains (or reuses) every config, as packs where they allow
     (:func:`fedlora_jax.train.train_all`); ``jsonl`` gets every row tagged with its key's
     fields."""
+    from fedlora_jax import rundir
     from fedlora_jax.train import train_all
 
-    results = {key: finished_run(cfg) for key, cfg in cfgs.items()}
+    results = {key: rundir.finished_rows(cfg) for key, cfg in cfgs.items()}
     for key, rows in results.items():
         if rows:
             log(f"compare: {cfgs[key].output_dir} (finished before: reused)")

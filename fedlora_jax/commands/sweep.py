@@ -5,7 +5,8 @@ default) with the point's overrides and its own seed, derived from the point's s
 point's result does not depend on the rest of the grid. Points whose shapes allow train as packs
 of runs in one compiled program (:func:`fedlora_jax.train.train_all`; ``--no-pack``: one by one).
 Each point gets ``OUTPUT_DIR/points/POINT/result.json`` when its run (or pack) finishes; a rerun
-skips the points that have one (resumable). The table of all points goes to
+skips the points that have one from a run of the same settings and code (resumable), and reruns
+the others. The table of all points goes to
 ``OUTPUT_DIR/sweep.csv`` and ``sweep.json``, the plot to ``sweep.png``. Every point's config is
 validated before the first run starts.
 """
@@ -154,13 +155,20 @@ def result_row(point: dict, cfg, history: list[dict]) -> dict:
             "wall_s": last.get("elapsed_s", 0.0)}
 
 
+def done(cfg) -> bool:
+    """A point finished before: its ``result.json`` is there and its run finished with the same
+    settings and code (:func:`fedlora_jax.rundir.finished_rows`)."""
+    from fedlora_jax import rundir
+
+    return (Path(cfg.output_dir) / "result.json").is_file() and bool(rundir.finished_rows(cfg))
+
+
 def run_points(planned: list[tuple[dict, object]], *, pack: bool = True, log=print) -> None:
-    """Trains the points without a ``result.json`` (packed where they allow:
-    :func:`fedlora_jax.train.train_all`) and writes theirs."""
+    """Trains the points not :func:`done` (packed where they allow:
+    :func:`fedlora_jax.train.train_all`) and writes their ``result.json``."""
     from fedlora_jax.train import train_all
 
-    todo = [(point, cfg) for point, cfg in planned
-            if not (Path(cfg.output_dir) / "result.json").is_file()]
+    todo = [(point, cfg) for point, cfg in planned if not done(cfg)]
     histories = train_all([cfg for _, cfg in todo], pack=pack, log=log)
     for (point, cfg), history in zip(todo, histories):
         (Path(cfg.output_dir) / "result.json").write_text(
@@ -233,8 +241,7 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     keys = list(planned[0][0])
     for i, (point, cfg) in enumerate(planned, 1):
-        done = (Path(cfg.output_dir) / "result.json").is_file()
-        print(f"[{i}/{len(planned)}] {point_name(point)}" + (" (done, skipped)" if done else ""),
+        print(f"[{i}/{len(planned)}] {point_name(point)}" + (" (done, skipped)" if done(cfg) else ""),
               flush=True)
     run_points(planned, pack=not args.no_pack,
                log=lambda line: print(f"sweep: {line}", flush=True))
