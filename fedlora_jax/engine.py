@@ -560,12 +560,6 @@ def rule_signature(rule: Rule) -> tuple:
     return tuple(of(f) for f in rule)
 
 
-def _stacked(trees: list, stack: Callable = jnp.stack, axis: int = 0) -> Any:
-    """The trees' leaves stacked on a new run axis (``stack``: ``np.stack`` keeps host arrays
-    on the host)."""
-    return jax.tree.map(lambda *xs: stack(xs, axis=axis), *trees)
-
-
 def _padded(x: jax.Array, length: int) -> jax.Array:
     """``x`` zero-padded along its first axis to ``length`` (``x`` itself at that length)."""
     if x.shape[0] == length:
@@ -573,7 +567,7 @@ def _padded(x: jax.Array, length: int) -> jax.Array:
     return jnp.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def padded_pools(pools: list[ClientPool]) -> list[ClientPool]:
+def _padded_pools(pools: list[ClientPool]) -> list[ClientPool]:
     """Pools of the same clients' count, made one shape to stack on a run axis. Runs that hold
     out different numbers of examples have pools of different sizes: examples and the client
     index are zero-padded to the largest (no client's ``offsets``/``sizes`` reach the
@@ -616,7 +610,7 @@ class PackedEngine:
     padding only, so a chunk is ``(R, C)`` slots and one compiled program serves every round
     whatever each run's number of participants. The base weights enter the vmap unbatched when
     every run has the same (a pretrained checkpoint), else stacked (the tiny model's random base
-    depends on the seed); pools are stacked (:func:`padded_pools`). Unstacked
+    depends on the seed); pools are stacked (:func:`_padded_pools`). Unstacked
     (``stacked=False``, one run: :attr:`FederatedEngine.pack_of_one`), the state is the run's
     own and the steps are not vmapped, so a run alone compiles the one-run program.
 
@@ -647,7 +641,7 @@ class PackedEngine:
         put = lambda x: jax.device_put(x, self._replicated)
         self.base = put(first.parts.base if shared_base else
                         self._joined([e.parts.base for e in engines]))
-        self.pool = put(self._joined(padded_pools([e.pool for e in engines])))
+        self.pool = put(self._joined(_padded_pools([e.pool for e in engines])))
         self.template = first.parts.sketch
         self._trainable = put(self._joined([e.parts.trainable for e in engines]))
         self._rates = {role: put(jnp.asarray([getattr(e, f"{role}_optimizer").learning_rate
@@ -668,11 +662,11 @@ class PackedEngine:
             donate_argnums=2)  # the carry
         self._init = jax.jit(lift(functools.partial(_initial_state, first.server_optimizer,
                                                     self.rule)),
-                             out_shardings=self._replicated)  # fresh buffers: the state's are donated
+                             out_shardings=self._replicated)  # fresh buffers (donated later)
         self._server = jax.jit(lift(functools.partial(_server_step, first.server_optimizer,
                                                       self.rule)),
                                donate_argnums=1)  # the state
-        self._split = jax.jit(lift(lambda key: tuple(jax.random.split(key, 3))))
+        self._split_key = jax.jit(lift(lambda key: tuple(jax.random.split(key, 3))))
         self._sample = jax.jit(lift(sampling.SCHEMES[first.cfg.sampling]))
         self._model = jax.jit(lift(self.rule.model))
         self._eval = jax.jit(lift(_scorer(first.parts, self.rule, first.local.loss_fn),
@@ -683,11 +677,12 @@ class PackedEngine:
         return len(self.engines)
 
     def _joined(self, per_run: list, stack: Callable = jnp.stack, axis: int = 0) -> Any:
-        """The runs' trees on the run axis (:func:`_stacked`); a lone run's tree as it is."""
+        """The runs' trees, their leaves stacked on a new run axis (``axis``; ``np.stack`` keeps
+        host arrays on the host); a lone run's tree as it is."""
         if not self.stacked:
             (tree,) = per_run
             return tree
-        return _stacked(per_run, stack, axis)
+        return jax.tree.map(lambda *xs: stack(xs, axis=axis), *per_run)
 
     def _run(self, tree: Any, r: int) -> Any:
         """Run ``r``'s part of a tree on the run axis; a lone run's tree as it is."""
@@ -717,7 +712,7 @@ class PackedEngine:
         """
         checked = [e.checked_plan(q, k) for e, (q, k) in zip(self.engines, plans, strict=True)]
         q, k, q_incl = (self._joined(x, np.stack) for x in zip(*checked))
-        key, sample_key, train_key = self._split(state.key)
+        key, sample_key, train_key = self._split_key(state.key)
         masks = self._sample(sample_key, jnp.asarray(q))
         participants = [np.flatnonzero(m).astype(np.int32) for m in self._runs(np.asarray(masks))]
         chunked = self._chunked(participants)
@@ -798,16 +793,17 @@ class PackedEngine:
         (``Rule.model(..., client)``)."""
         trainable = self._model(state.trainable, state.agg,
                                 *(() if client is None else (jnp.int32(client),)))
-        batches = _batches_of_runs(examples, batch_size)
         return jax.device_get(_added(*(
             self._eval(trainable, self.base, state.agg.server, self._joined(list(batch), np.stack))
-            for batch in zip(*batches))))
+            for batch in zip(*_batches_of_runs(examples, batch_size)))))
 
 
 def _trees_equal(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         x is y or (x.shape == y.shape and bool(np.array_equal(x, y)))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def check_packable(engines: list[FederatedEngine]) -> None:
     """Raises ValueError naming the first thing that keeps ``engines`` from one compiled
     program (:class:`PackedEngine`): a different rule, sampling scheme, local training, optimizer

@@ -221,7 +221,8 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
                 drivers = [(folders, _packed(setups))]
             except NotPackable as e:
                 log(f"not packed ({e}): one by one")
-                drivers = [([folder], Packed.alone(setup)) for folder, setup in zip(folders, setups)]
+                drivers = [([folder], Packed.alone(setup))
+                           for folder, setup in zip(folders, setups)]
             histories = [history for group, driver in drivers for history in _train_group(
                 group, driver, progress="none", log=quiet, resume=False, overwrite=True)[0]]
             for i, rows in zip(part, histories):

@@ -14,6 +14,7 @@ from fedlora_jax.strategies import hetlora
 from fedlora_jax.tasks import classification_loss
 from tests import compile_cache
 from tests.conftest import random_pool, tiny_lora_model
+from tests.test_engine import _counting_loss
 
 SEEDS, RATES = (0, 1, 2, 3), (0.1, 0.3)
 
@@ -103,12 +104,7 @@ def test_packed_runs_equal_the_runs_one_by_one():
 def test_one_compile_for_the_pack_whatever_the_participants():
     """A shared base (one pretrained model for every run): rounds with different participant
     counts per run, empty runs and rounds with no participant at all trace the model once."""
-    traces = []
-
-    def loss(model, batch):
-        traces.append(1)
-        return classification_loss(model, batch)
-
+    loss, traces = _counting_loss()
     parts = split_model(tiny_lora_model(rank=4, seed=0))
     engines = [_engine(seed, lr, loss=loss, parts=parts) for seed in (0, 1) for lr in RATES]
     packed = PackedEngine(engines)
