@@ -116,11 +116,29 @@ def stack_factors(weights: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.A
     return a_stack, b.reshape(c * r, b.shape[-1])
 
 
+@jax.custom_batching.custom_vmap
+def svd(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``jnp.linalg.svd(w, full_matrices=False)`` whose batched form (under :func:`jax.vmap`,
+    e.g. packed runs) is a loop of one-matrix SVDs (:func:`jax.lax.map`). On CPU, jaxlib's
+    batched LAPACK SVD splits its batch over XLA's intra-op thread pool and waits for it from a
+    thread of that pool; when as many batched SVDs run at once as the pool has threads (a packed
+    FlexLoRA round on MiniLM on 2 cores: two layers' SVDs), every thread waits and the program
+    deadlocks (JAX 0.10.2; docs/benchmarks.md, "Known problem")."""
+    return tuple(jnp.linalg.svd(w, full_matrices=False))
+
+
+@svd.def_vmap
+def _svd_vmap(axis_size: int, in_batched: list[bool], w: jax.Array):
+    del axis_size
+    (batched,) = in_batched
+    return (jax.lax.map(svd, w) if batched else svd(w)), (batched,) * 3
+
+
 def truncated_svd_factors(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """``(A, B)`` with ``A B`` the best rank-``rank`` approximation of ``w`` (Eckart-Young):
     ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``, components in decreasing singular value, so
     truncating to the first ``k`` gives the best rank-``k`` approximation (FlexLoRA)."""
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vt = svd(w)
     root = jnp.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vt[:rank]
 

@@ -162,13 +162,14 @@ class ClientReport:
 @dataclasses.dataclass(frozen=True)
 class LocalTraining:
     """How every client of a run trains, fixed when the engine is built: the model's graph and
-    dropout state, the loss, the client optimizer, ``steps`` local steps of ``batch_size``
-    examples, and the vmapped block size (``None``: the whole chunk at once)."""
+    dropout state, the loss, the client optimizer (its rate may be replaced by a traced per-run
+    rate, :func:`_chunk_step`), ``steps`` local steps of ``batch_size`` examples, and the vmapped
+    block size (``None``: the whole chunk at once)."""
 
     graphdef: nnx.GraphDef
     rngs: nnx.State
     loss_fn: LossFn
-    optimizer: optax.GradientTransformation
+    optimizer: OptimizerConfig
     steps: int
     batch_size: int
     block_size: int | None
@@ -252,12 +253,13 @@ def check_mesh(mesh: Mesh, devices: int | None, chunk_size: int) -> int:
     return -(-chunk_size // size) * size
 
 
-def _chunk_step(local: LocalTraining, rule: Rule, shared: Replicated, carry: Carry, chunk: Chunk
-                ) -> tuple[Carry, ClientReport, dict]:
+def _chunk_step(local: LocalTraining, rule: Rule, rate: jax.Array | None, shared: Replicated,
+                carry: Carry, chunk: Chunk) -> tuple[Carry, ClientReport, dict]:
     """Trains this device's clients of a chunk and adds their weighted messages to the round's
     sums (``psum`` over the ``clients`` axis); writes back the participants' per-client rows.
     Runs inside :func:`jax.shard_map`; returns the new carry, the chunk's :class:`ClientReport`
-    (gathered over devices, ``(C,)``) and its summed training metrics."""
+    (gathered over devices, ``(C,)``) and its summed training metrics. ``rate`` replaces the
+    client optimizer's learning rate (a packed run's own; ``None``: the configured one)."""
     ids, valid = chunk.ids, chunk.valid
     chex.assert_equal_shape([ids, valid])
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(shared.key, i), 3))(ids)
@@ -269,7 +271,8 @@ def _chunk_step(local: LocalTraining, rule: Rule, shared: Replicated, carry: Car
                                                      local.batch_size))(ids, keys[:, 1])
     deltas, metrics = train_clients(local.graphdef, rule.base(shared.base, shared.server), starts,
                                     sketches, batches, loss_fn=local.loss_fn,
-                                    optimizer=local.optimizer, rngs=local.rngs, keys=keys[:, 2],
+                                    optimizer=make_optimizer(local.optimizer, rate),
+                                    rngs=local.rngs, keys=keys[:, 2],
                                     block_size=local.block_size, trainable_axis=0)
     messages = jax.vmap(rule.message)(starts, deltas, sketches)
     weights = jnp.where(valid, shared.pool.weights[ids] / shared.q[ids] * messages.factor, 0.0)
@@ -336,21 +339,25 @@ def _scorer(parts: ModelParts, rule: Rule, loss_fn: LossFn) -> Callable:
                   rule.base(base, server)), batch)[1]
 
 
-def _initial_state(optimizer, rule: Rule, trainable, weights, seed) -> ServerState:
-    """Round 0: the global trainables, a fresh server optimizer and the rule's state."""
-    return ServerState(trainable=trainable, opt_state=optimizer.init(trainable),
+def _initial_state(optimizer: OptimizerConfig, rule: Rule, rate: jax.Array | None, trainable,
+                   weights, seed) -> ServerState:
+    """Round 0: the global trainables, a fresh server optimizer (learning rate ``rate``, as in
+    :func:`_server_step`) and the rule's state."""
+    opt_state = make_optimizer(optimizer, rate).init(trainable)
+    return ServerState(trainable=trainable, opt_state=opt_state,
                        round=jnp.zeros((), jnp.int32), key=jax.random.key(seed),
                        clock=jnp.zeros((), jnp.float32), agg=rule.init(trainable, weights))
 
 
-def _server_step(optimizer, rule: Rule, state: ServerState, sums: Sums, round_time
-                 ) -> tuple[ServerState, jax.Array]:
+def _server_step(optimizer: OptimizerConfig, rule: Rule, rate: jax.Array | None,
+                 state: ServerState, sums: Sums, round_time) -> tuple[ServerState, jax.Array]:
     """The rule turns the round's sums into an update ``u`` of the global trainables (and its own
-    server state); the server optimizer applies the pseudo-gradient ``-u``. Also returns
-    ``|D|^2``, the squared norm of the change it made to the global trainables."""
+    server state); the server optimizer applies the pseudo-gradient ``-u`` with learning rate
+    ``rate`` (a packed run's own; ``None``: the configured one). Also returns ``|D|^2``, the
+    squared norm of the change it made to the global trainables."""
     update, server = rule.finish(state.trainable, state.agg.server, sums.total, sums.weight)
-    updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, update), state.opt_state,
-                                          state.trainable)
+    updates, opt_state = make_optimizer(optimizer, rate).update(
+        jax.tree.map(jnp.negative, update), state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     applied = sum(jnp.sum((new - old) ** 2) for new, old in
                   zip(jax.tree.leaves(trainable), jax.tree.leaves(state.trainable)))
@@ -362,7 +369,10 @@ def _server_step(optimizer, rule: Rule, state: ServerState, sums: Sums, round_ti
 class FederatedEngine:
     """Runs rounds of federated sketched LoRA over a :class:`ClientPool`.
 
-    Compiled functions are built once here; ``run_round`` only packs participant ids on the host.
+    What is per run and stays on the host lives here: checking and defaulting ``q`` and ``k``,
+    chunking the participants, the clock, the costs and the round's report. The compiled round
+    is the engine's pack of one (:attr:`pack_of_one`, a :class:`PackedEngine` without the run
+    axis), built once here: a run alone and a pack of runs share one round's code.
 
     Args:
       parts: the split model (:func:`fedlora_jax.client.split_model`).
@@ -390,12 +400,11 @@ class FederatedEngine:
         self.chunk_size = check_mesh(self.mesh, federation.devices, federation.chunk_size)
         self.rule = sketched(federation.shared_sketch) if rule is None else rule
         check_client_state_memory(self.rule, parts.trainable, pool.num_clients)
-        self._replicated = jax.NamedSharding(self.mesh, jax.P())
-        self._by_client = jax.NamedSharding(self.mesh, jax.P(CLIENTS))  # may span processes
+        replicated = jax.NamedSharding(self.mesh, jax.P())
         parts = dataclasses.replace(parts, **{name: jax.device_put(getattr(parts, name),
-                                                                   self._replicated)
+                                                                   replicated)
                                               for name in ("base", "trainable", "sketch")})
-        pool = jax.device_put(pool, self._replicated)
+        pool = jax.device_put(pool, replicated)
         self.parts, self.pool, self.cfg, self.client_cfg = parts, pool, federation, client
         self.rank = int(jax.tree.leaves(parts.sketch)[0].shape[-1])
         self.adapter_sizes = adapter_sizes(parts.trainable)
@@ -405,24 +414,10 @@ class FederatedEngine:
         self._sum_shapes, self._report_shapes = _one_client_shapes(
             self.rule, parts.trainable, parts.sketch, rows)
         self.client_optimizer, self.server_optimizer = client_optimizer, server_optimizer
-        self._server_opt = make_optimizer(server_optimizer)
-        self._sample = jax.jit(sampling.SCHEMES[federation.sampling])
-        local = LocalTraining(parts.graphdef, parts.rngs, loss_fn, make_optimizer(client_optimizer),
-                              client.local_steps, client.batch_size, federation.block_size)
-        self.local = local
-        rep, sharded = jax.P(), jax.P(CLIENTS)
-        self._chunk = jax.jit(
-            jax.shard_map(functools.partial(_chunk_step, local, self.rule), mesh=self.mesh,
-                          in_specs=(rep, rep, sharded), out_specs=rep),
-            in_shardings=(self._replicated, self._replicated, self._by_client),
-            donate_argnums=1)  # the carry
-        self._init = jax.jit(functools.partial(_initial_state, self._server_opt, self.rule),
-                             out_shardings=self._replicated)  # fresh buffers: the state's are donated
-        self._server = jax.jit(functools.partial(_server_step, self._server_opt, self.rule),
-                               donate_argnames=("state",))
+        self.local = LocalTraining(parts.graphdef, parts.rngs, loss_fn, client_optimizer,
+                                   client.local_steps, client.batch_size, federation.block_size)
         self._clock = clock
-        self._model = jax.jit(self.rule.model)
-        self._eval = jax.jit(_scorer(parts, self.rule, loss_fn))
+        self.pack_of_one = PackedEngine([self], stacked=False)
 
     @property
     def num_clients(self) -> int:
@@ -446,27 +441,12 @@ class FederatedEngine:
         Args:
           seed: seeds the run's key (default: ``federation.seed``).
         """
-        return self._init(self.parts.trainable, self.pool.weights,
-                          self.cfg.seed if seed is None else seed)
+        return self.pack_of_one.init([self.cfg.seed if seed is None else seed])
 
     def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
         """The compiled chunk step of this run for ``state`` (its ``memory_analysis()`` is a
         chunk's memory)."""
-        ids = np.zeros(self.chunk_size, np.int32)
-        shared = self._replicated_of(state, self.default_q(), self.default_k(), state.key)
-        return self._chunk.lower(shared, self._new_carry(state), Chunk(ids, ids > 0)).compile()
-
-    def _replicated_of(self, state: ServerState, q: np.ndarray, k: np.ndarray, key: jax.Array
-                       ) -> Replicated:
-        q, k = jax.device_put((q, k), self._replicated)
-        return Replicated(base=self.parts.base, trainable=state.trainable,
-                          template=self.parts.sketch, pool=self.pool, server=state.agg.server,
-                          q=q, k=k, key=key)
-
-    def _new_carry(self, state: ServerState) -> Carry:
-        """Zero sums and the state's per-client rows: what the round's first chunk starts from."""
-        return Carry(sums=jax.device_put(_zero_sums(self._sum_shapes), self._replicated),
-                     clients=state.agg.clients)
+        return self.pack_of_one.compiled_chunk(state)
 
     def pack(self, participants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pads participant ids to whole chunks.
@@ -485,7 +465,8 @@ class FederatedEngine:
         return ids.reshape(num_chunks, c), valid.reshape(num_chunks, c)
 
     def run_round(self, state: ServerState, q=None, k=None) -> tuple[ServerState, RoundResult]:
-        """One round: sample, train the participants chunk by chunk, aggregate, advance the clock.
+        """One round: sample, train the participants chunk by chunk, aggregate, advance the clock
+        (:meth:`PackedEngine.run_round` of the pack of one).
 
         Args:
           state: the run's state; its buffers are donated (use the returned state).
@@ -496,21 +477,8 @@ class FederatedEngine:
         Raises:
           FloatingPointError: a client's update is not finite.
         """
-        q, k, q_incl = self.checked_plan(q, k)
-        key, sample_key, train_key = jax.random.split(state.key, 3)
-        mask = self._sample(sample_key, jnp.asarray(q))
-        participants = np.flatnonzero(np.asarray(mask)).astype(np.int32)
-        ids, valid = self.pack(participants)
-        shared = self._replicated_of(state, q_incl, k, train_key)
-        carry, reports, metric_sums = _train_chunks(functools.partial(self._chunk, shared),
-                                                    self._new_carry(state), ids, valid,
-                                                    self._by_client)
-        times = ({"total": jnp.float32(0.0)} if self._clock is None
-                 else self._clock(mask, shared.k))
-        state = state.replace(key=key, agg=state.agg.replace(clients=carry.clients))
-        state, applied = self._server(state, carry.sums, times["total"])
-        return state, self._result(int(state.round), participants, reports, valid, applied,
-                                   metric_sums, k, times)
+        state, (result,) = self.pack_of_one.run_round(state, [(q, k)])
+        return state, result
 
     def checked_plan(self, q=None, k=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(q, k, inclusion probabilities)`` of a round, checked on the host (defaults:
@@ -556,8 +524,8 @@ class FederatedEngine:
           examples: held-out examples, arrays with a leading example axis.
           batch_size: examples per compiled evaluation call.
         """
-        trainable = self._model(state.trainable, state.agg)
-        return summarize(self._score(trainable, state, examples, batch_size))
+        (scores,) = self.pack_of_one.evaluate(state, [examples], batch_size)
+        return scores
 
     def evaluate_personal(self, state: ServerState, examples: dict, owners: np.ndarray,
                           batch_size: int = 8) -> dict[str, float]:
@@ -574,14 +542,10 @@ class FederatedEngine:
         if owners.shape != (next(iter(examples.values())).shape[0],):
             raise ValueError(f"owners has shape {owners.shape}: give one client per example.")
         return summarize(_added(*(
-            self._score(self._model(state.trainable, state.agg, jnp.int32(n)), state,
-                        {name: np.asarray(v)[owners == n] for name, v in examples.items()},
-                        batch_size)
+            self.pack_of_one.totals(state, [{name: np.asarray(v)[owners == n]
+                                             for name, v in examples.items()}],
+                                    batch_size, client=n)
             for n in np.unique(owners))))
-
-    def _score(self, trainable: nnx.State, state: ServerState, examples: dict, batch_size: int):
-        return _added(*(self._eval(trainable, self.parts.base, state.agg.server, batch)
-                        for batch in iterate_batches(examples, batch_size)))
 
 
 # ------------------------------------------------------------------------------- packed runs
@@ -596,68 +560,35 @@ def rule_signature(rule: Rule) -> tuple:
     return tuple(of(f) for f in rule)
 
 
-def _stacked(trees: list) -> Any:
-    """The trees' leaves stacked on a new leading run axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def _padded(x: jax.Array, length: int) -> jax.Array:
-    """``x`` zero-padded along its first axis to ``length``."""
+    """``x`` zero-padded along its first axis to ``length`` (``x`` itself at that length)."""
+    if x.shape[0] == length:
+        return x
     return jnp.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def stack_pools(pools: list[ClientPool]) -> ClientPool:
-    """Pools of the same clients' count on a leading run axis. Runs that hold out different
-    numbers of examples have pools of different sizes: examples and the client index are
-    zero-padded to the largest (no client's ``offsets``/``sizes`` reach the padding)."""
+def _padded_pools(pools: list[ClientPool]) -> list[ClientPool]:
+    """Pools of the same clients' count, made one shape to stack on a run axis. Runs that hold
+    out different numbers of examples have pools of different sizes: examples and the client
+    index are zero-padded to the largest (no client's ``offsets``/``sizes`` reach the
+    padding)."""
     examples = max(p.num_examples for p in pools)
     assigned = max(p.order.shape[0] for p in pools)
-    return _stacked([p.replace(examples={k: _padded(v, examples) for k, v in p.examples.items()},
-                               order=_padded(p.order, assigned)) for p in pools])
+    return [p.replace(examples={k: _padded(v, examples) for k, v in p.examples.items()},
+                      order=_padded(p.order, assigned)) for p in pools]
 
 
-def stacked_batches(examples: list[dict], batch_size: int):
-    """Evaluation batches of every run on a leading run axis (:func:`iterate_batches` per run);
-    a run with fewer batches gets fully masked ones (``example_mask`` 0), which add nothing."""
+def _batches_of_runs(examples: list[dict], batch_size: int) -> list[list[dict]]:
+    """Every run's evaluation batches (:func:`iterate_batches`), as many for each: a run with
+    fewer gets fully masked ones (``example_mask`` 0), which add nothing."""
     per_run = [list(iterate_batches(ex, batch_size)) for ex in examples]
-    for b in range(max(len(batches) for batches in per_run)):
-        yield jax.tree.map(lambda *xs: np.stack(xs), *[
-            batches[b] if b < len(batches) else
-            {**batches[0], "example_mask": np.zeros(batch_size, np.float32)}
-            for batches in per_run])
-
-
-def _packed_chunk_step(local: LocalTraining, rule: Rule, client_optimizer: OptimizerConfig,
-                       axes: Replicated, rates: jax.Array, shared: Replicated, carry: Carry,
-                       chunk: Chunk) -> tuple[Carry, ClientReport, dict]:
-    """:func:`_chunk_step` vmapped over the runs (leading axis ``R`` of ``rates``, ``carry``,
-    ``chunk`` and of the fields of ``shared`` whose ``axes`` entry is 0); each run's clients
-    train with its own client learning rate ``rates[r]``."""
-    def one_run(rate, shared, carry, chunk):
-        run_local = dataclasses.replace(local, optimizer=make_optimizer(client_optimizer, rate))
-        return _chunk_step(run_local, rule, shared, carry, chunk)
-    return jax.vmap(one_run, in_axes=(0, axes, 0, 0))(rates, shared, carry, chunk)
-
-
-def _packed_server_step(rule: Rule, server_optimizer: OptimizerConfig, rates: jax.Array,
-                        state: ServerState, sums: Sums, round_time: jax.Array
-                        ) -> tuple[ServerState, jax.Array]:
-    """:func:`_server_step` vmapped over the runs, each with its own server learning rate."""
-    return jax.vmap(lambda rate, state, sums, time: _server_step(
-        make_optimizer(server_optimizer, rate), rule, state, sums, time))(
-        rates, state, sums, round_time)
-
-
-def _packed_initial_state(rule: Rule, server_optimizer: OptimizerConfig, rates: jax.Array,
-                          trainable, weights, seeds) -> ServerState:
-    """:func:`_initial_state` vmapped over the runs."""
-    return jax.vmap(lambda rate, trainable, weights, seed: _initial_state(
-        make_optimizer(server_optimizer, rate), rule, trainable, weights, seed))(
-        rates, trainable, weights, seeds)
+    count = max(len(batches) for batches in per_run)
+    return [batches + [{**batches[0], "example_mask": np.zeros(batch_size, np.float32)}]
+            * (count - len(batches)) for batches in per_run]
 
 
 class RunFloatingPointError(FloatingPointError):
-    """A packed run's client updates are not finite; ``run`` is its index in the pack."""
+    """A run's client updates are not finite; ``run`` is its index in the pack (0 alone)."""
 
     def __init__(self, run: int, message: str):
         super().__init__(message)
@@ -665,155 +596,206 @@ class RunFloatingPointError(FloatingPointError):
 
 
 class PackedEngine:
-    """``R`` independent runs of the same shapes as one compiled round program
-    (docs/architecture.md, "Packed runs").
+    """A round of ``R`` independent runs of the same shapes as one compiled program
+    (docs/architecture.md, "Packed runs"), and the round of one run: the round's code, written
+    once.
 
     Each run keeps its own :class:`FederatedEngine` for what stays on the host (checking and
-    defaulting ``q`` and ``k``, the clock, the costs, the reports); the device state of all runs
-    is one :class:`ServerState` with a leading run axis ``R``. A round is :func:`jax.vmap` of the
-    engine's own chunk and server steps over that axis, inside the same ``shard_map`` over the
-    ``clients`` mesh axis: the vmap reuses the round's code and every :class:`Rule` unchanged
-    (segment sums over ``(run, client)`` slots would have to re-express each rule's ``reduce``).
-    Each run's participants are packed into chunks as the engine packs them; runs with fewer
-    chunks get chunks of padding only, so a chunk is ``(R, C)`` slots and one compiled program
-    serves every round whatever each run's number of participants. The base weights enter the
-    vmap unbatched when every run has the same (a pretrained checkpoint), else stacked (the tiny
-    model's random base depends on the seed); pools are stacked (:func:`stack_pools`).
+    defaulting ``q`` and ``k``, chunking its participants, the clock, the costs, the reports).
+    Stacked (the default), the device state of all runs is one :class:`ServerState` with a
+    leading run axis ``R``, and every compiled step is :func:`jax.vmap` of the one-run step over
+    that axis, inside the same ``shard_map`` over the ``clients`` mesh axis: the vmap reuses the
+    round's code and every :class:`Rule` unchanged (segment sums over ``(run, client)`` slots
+    would have to re-express each rule's ``reduce``). Runs with fewer chunks get chunks of
+    padding only, so a chunk is ``(R, C)`` slots and one compiled program serves every round
+    whatever each run's number of participants. The base weights enter the vmap unbatched when
+    every run has the same (a pretrained checkpoint), else stacked (the tiny model's random base
+    depends on the seed); pools are stacked (:func:`_padded_pools`). Unstacked
+    (``stacked=False``, one run: :attr:`FederatedEngine.pack_of_one`), the state is the run's
+    own and the steps are not vmapped, so a run alone compiles the one-run program.
 
     What may differ between the runs: seeds (data split, initialization, network, sampling
-    keys), client and server learning rates, ``q`` and ``k`` (strategies of the same rule), the
-    clock. What must not: the model's and the pool's shapes, the rule (:func:`rule_signature`), the
-    sampling scheme, local steps, batch and chunk sizes, the optimizers but for their rates, and
-    the mesh; a personalized rule (per-client evaluation) does not pack.
+    keys), client and server learning rates (traced per-run arguments), ``q`` and ``k``
+    (strategies of the same rule), the clock. What must not: the model's and the pool's shapes,
+    the rule (:func:`rule_signature`), the sampling scheme, local steps, batch and chunk sizes,
+    the optimizers but for their rates, and the mesh; a personalized rule (per-client
+    evaluation) does not pack.
 
     Args:
       engines: one engine per run, built as for a run of its own.
+      stacked: ``False`` for one engine's own rounds, without the run axis.
     """
 
-    def __init__(self, engines: list[FederatedEngine]):
-        check_packable(engines)
-        self.engines = engines
+    def __init__(self, engines: list[FederatedEngine], stacked: bool = True):
+        if stacked:
+            check_packable(engines)
+        elif len(engines) != 1:
+            raise ValueError(f"An unstacked pack is one run, got {len(engines)}.")
+        self.engines, self.stacked = engines, stacked
         first = engines[0]
         self.mesh, self.chunk_size, self.rule = first.mesh, first.chunk_size, first.rule
         self._replicated = jax.NamedSharding(self.mesh, jax.P())
-        self._by_client = jax.NamedSharding(self.mesh, jax.P(None, CLIENTS))
+        runs = (None,) * stacked  # the run axis of a chunk's slots, unsharded
+        self._by_client = jax.NamedSharding(self.mesh, jax.P(*runs, CLIENTS))  # may span processes
         shared_base = all(_trees_equal(first.parts.base, e.parts.base) for e in engines[1:])
         put = lambda x: jax.device_put(x, self._replicated)
         self.base = put(first.parts.base if shared_base else
-                        _stacked([e.parts.base for e in engines]))
-        self.pool = put(stack_pools([e.pool for e in engines]))
+                        self._joined([e.parts.base for e in engines]))
+        self.pool = put(self._joined(_padded_pools([e.pool for e in engines])))
         self.template = first.parts.sketch
-        self._trainable = put(_stacked([e.parts.trainable for e in engines]))
-        self._rates = put({role: jnp.asarray([getattr(e, f"{role}_optimizer").learning_rate
-                                              for e in engines], jnp.float32)
-                           for role in ("client", "server")})
+        self._trainable = put(self._joined([e.parts.trainable for e in engines]))
+        self._rates = {role: put(jnp.asarray([getattr(e, f"{role}_optimizer").learning_rate
+                                              for e in engines], jnp.float32))
+                       if stacked else None for role in ("client", "server")}
+        lift = jax.vmap if stacked else lambda f, in_axes=0: f  # the one-run step over the runs
         base_axis = None if shared_base else 0
         axes = Replicated(base=base_axis, trainable=0, template=None, pool=0, server=0, q=0,
                           k=0, key=0)
-        rep, sharded = jax.P(), jax.P(None, CLIENTS)
+        rep = jax.P()
         self._chunk = jax.jit(
-            jax.shard_map(functools.partial(_packed_chunk_step, first.local, self.rule,
-                                            first.client_optimizer, axes),
-                          mesh=self.mesh, in_specs=(rep, rep, rep, sharded), out_specs=rep),
+            jax.shard_map(lift(functools.partial(_chunk_step, first.local, self.rule),
+                               in_axes=(0, axes, 0, 0)),
+                          mesh=self.mesh, in_specs=(rep, rep, rep, self._by_client.spec),
+                          out_specs=rep),
             in_shardings=(self._replicated, self._replicated, self._replicated,
                           self._by_client),
             donate_argnums=2)  # the carry
-        self._init = jax.jit(functools.partial(_packed_initial_state, self.rule,
-                                               first.server_optimizer),
-                             out_shardings=self._replicated)
-        self._server = jax.jit(functools.partial(_packed_server_step, self.rule,
-                                                 first.server_optimizer),
-                               donate_argnames=("state",))
-        self._split = jax.jit(jax.vmap(lambda key: jax.random.split(key, 3)))
-        self._sample = jax.jit(jax.vmap(sampling.SCHEMES[first.cfg.sampling]))
-        self._model = jax.jit(jax.vmap(self.rule.model))
-        self._eval = jax.jit(jax.vmap(_scorer(first.parts, self.rule, first.local.loss_fn),
-                                      in_axes=(0, base_axis, 0, 0)))
+        self._init = jax.jit(lift(functools.partial(_initial_state, first.server_optimizer,
+                                                    self.rule)),
+                             out_shardings=self._replicated)  # fresh buffers (donated later)
+        self._server = jax.jit(lift(functools.partial(_server_step, first.server_optimizer,
+                                                      self.rule)),
+                               donate_argnums=1)  # the state
+        self._split_key = jax.jit(lift(lambda key: tuple(jax.random.split(key, 3))))
+        self._sample = jax.jit(lift(sampling.SCHEMES[first.cfg.sampling]))
+        self._model = jax.jit(lift(self.rule.model))
+        self._eval = jax.jit(lift(_scorer(first.parts, self.rule, first.local.loss_fn),
+                                  in_axes=(0, base_axis, 0, 0)))
 
     @property
     def num_runs(self) -> int:
         return len(self.engines)
 
+    def _joined(self, per_run: list, stack: Callable = jnp.stack, axis: int = 0) -> Any:
+        """The runs' trees, their leaves stacked on a new run axis (``axis``; ``np.stack`` keeps
+        host arrays on the host); a lone run's tree as it is."""
+        if not self.stacked:
+            (tree,) = per_run
+            return tree
+        return jax.tree.map(lambda *xs: stack(xs, axis=axis), *per_run)
+
+    def _run(self, tree: Any, r: int) -> Any:
+        """Run ``r``'s part of a tree on the run axis; a lone run's tree as it is."""
+        return jax.tree.map(lambda x: x[r], tree) if self.stacked else tree
+
+    def _runs(self, tree: Any) -> list:
+        """Every run's part of a tree on the run axis."""
+        return [self._run(tree, r) for r in range(self.num_runs)]
+
     def init(self, seeds: list[int]) -> ServerState:
-        """Every run's first state, stacked (run ``r`` as ``engines[r].init(seeds[r])``)."""
-        weights = jnp.stack([e.pool.weights for e in self.engines])
-        return self._init(self._rates["server"], self._trainable, weights,
-                          jnp.asarray(seeds, jnp.int32))
+        """Every run's first state (run ``r`` as ``engines[r].init(seeds[r])``), stacked."""
+        return self._init(self._rates["server"], self._trainable, self.pool.weights,
+                          self._joined([np.int32(seed) for seed in seeds], np.stack))
 
     def run_round(self, state: ServerState, plans: list[tuple]
                   ) -> tuple[ServerState, list[RoundResult]]:
-        """One round of every run: each samples, trains and aggregates as
-        :meth:`FederatedEngine.run_round` does, all in the same compiled calls.
+        """One round of every run: sample, train the participants chunk by chunk, aggregate,
+        advance the clock, all runs in the same compiled calls.
 
         Args:
-          state: the runs' stacked state; its buffers are donated (use the returned state).
+          state: the runs' state; its buffers are donated (use the returned state).
           plans: per run, ``(q, k)`` (``None`` for the engine's default).
         Returns:
-          The next stacked state and each run's :class:`RoundResult`.
+          The next state and each run's :class:`RoundResult`.
         Raises:
           RunFloatingPointError: a run's client update is not finite (the first such run).
         """
         checked = [e.checked_plan(q, k) for e, (q, k) in zip(self.engines, plans, strict=True)]
-        q, k, q_incl = (np.stack(x) for x in zip(*checked))
-        keys = self._split(state.key)
-        masks = self._sample(keys[:, 1], jnp.asarray(q))
-        host_masks = np.asarray(masks)
-        participants = [np.flatnonzero(m).astype(np.int32) for m in host_masks]
-        ids, valid = self.pack(participants)
-        shared = Replicated(base=self.base, trainable=state.trainable, template=self.template,
-                            pool=self.pool, server=state.agg.server,
-                            q=jax.device_put(q_incl, self._replicated),
-                            k=jax.device_put(k, self._replicated), key=keys[:, 2])
-        carry = Carry(sums=jax.device_put(_zero_sums(self.engines[0]._sum_shapes,
-                                                     (self.num_runs,)), self._replicated),
-                      clients=state.agg.clients)
+        q, k, q_incl = (self._joined(x, np.stack) for x in zip(*checked))
+        key, sample_key, train_key = self._split_key(state.key)
+        masks = self._sample(sample_key, jnp.asarray(q))
+        participants = [np.flatnonzero(m).astype(np.int32) for m in self._runs(np.asarray(masks))]
+        chunked = self._chunked(participants)
+        ids, valid = (self._joined(x, np.stack, axis=1) for x in zip(*chunked))
+        shared = self._replicated_of(state, q_incl, k, train_key)
         carry, reports, metric_sums = _train_chunks(
-            functools.partial(self._chunk, self._rates["client"], shared), carry, ids, valid,
-            self._by_client)
+            functools.partial(self._chunk, self._rates["client"], shared),
+            self._new_carry(state), ids, valid, self._by_client)
         times = [{"total": jnp.float32(0.0)} if e._clock is None else e._clock(m, k_r)
-                 for e, m, k_r in zip(self.engines, masks, shared.k)]
-        state = state.replace(key=keys[:, 0], agg=state.agg.replace(clients=carry.clients))
+                 for e, m, k_r in zip(self.engines, self._runs(masks), self._runs(shared.k))]
+        state = state.replace(key=key, agg=state.agg.replace(clients=carry.clients))
         state, applied = self._server(self._rates["server"], state, carry.sums,
-                                      jnp.stack([t["total"] for t in times]))
-        reports, metric_sums, applied = jax.device_get((reports, metric_sums, applied))
-        rounds = np.asarray(state.round)
+                                      self._joined([t["total"] for t in times]))
+        reports, metric_sums, applied, rounds = jax.device_get(
+            (reports, metric_sums, applied, state.round))
         results = []
         for r, engine in enumerate(self.engines):
-            take = lambda tree: jax.tree.map(lambda x: x[r], tree)
             try:
                 results.append(engine._result(
-                    int(rounds[r]), participants[r], [take(rep) for rep in reports],
-                    valid[:, r], applied[r], take(metric_sums), k[r], times[r]))
+                    int(self._run(rounds, r)), participants[r], self._run(reports, r),
+                    chunked[r][1], self._run(applied, r), self._run(metric_sums, r),
+                    checked[r][1], times[r]))
             except FloatingPointError as e:
-                raise RunFloatingPointError(r, f"run {r}: {e}") from None
+                raise RunFloatingPointError(r, f"run {r}: {e}" if self.stacked else str(e)
+                                            ) from None
         return state, results
 
-    def pack(self, participants: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _chunked(self, participants: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every run's participants in chunks (:meth:`FederatedEngine.pack`), the runs with
-        fewer chunks padded with empty ones: ``(num_chunks, R, C)`` ids and validity."""
-        packed = [self.engines[0].pack(p) for p in participants]
+        fewer chunks padded with empty ones: per run ``(num_chunks, C)`` ids and validity."""
+        packed = [e.pack(p) for e, p in zip(self.engines, participants)]
         num_chunks = max(ids.shape[0] for ids, _ in packed)
         pad = lambda x: np.concatenate([x, np.zeros((num_chunks - len(x), self.chunk_size),
                                                     x.dtype)])
-        return (np.stack([pad(ids) for ids, _ in packed], axis=1),
-                np.stack([pad(valid) for _, valid in packed], axis=1))
+        return [(pad(ids), pad(valid)) for ids, valid in packed]
+
+    def _replicated_of(self, state: ServerState, q: np.ndarray, k: np.ndarray, key: jax.Array
+                       ) -> Replicated:
+        q, k = jax.device_put((q, k), self._replicated)
+        return Replicated(base=self.base, trainable=state.trainable, template=self.template,
+                          pool=self.pool, server=state.agg.server, q=q, k=k, key=key)
+
+    def _new_carry(self, state: ServerState) -> Carry:
+        """Zero sums and the state's per-client rows: what the round's first chunk starts from."""
+        lead = (self.num_runs,) * self.stacked
+        return Carry(sums=jax.device_put(_zero_sums(self.engines[0]._sum_shapes, lead),
+                                         self._replicated),
+                     clients=state.agg.clients)
+
+    def compiled_chunk(self, state: ServerState) -> jax.stages.Compiled:
+        """The compiled chunk step for ``state`` (its ``memory_analysis()`` is a chunk's
+        memory), with every run's default plan."""
+        q, k, q_incl = (self._joined(x, np.stack) for x in
+                        zip(*(e.checked_plan() for e in self.engines)))
+        ids = self._joined([np.zeros(self.chunk_size, np.int32)] * self.num_runs, np.stack)
+        return self._chunk.lower(self._rates["client"],
+                                 self._replicated_of(state, q_incl, k, state.key),
+                                 self._new_carry(state), Chunk(ids, ids > 0)).compile()
 
     def run_state(self, state: ServerState, r: int) -> ServerState:
         """Run ``r``'s own state, as :class:`FederatedEngine` holds it (e.g. to checkpoint)."""
-        return jax.tree.map(lambda x: x[r], state)
+        return self._run(state, r)
 
     def stack(self, states: list[ServerState]) -> ServerState:
         """The runs' own states as one stacked state (e.g. restored checkpoints)."""
-        return jax.device_put(_stacked(states), self._replicated)
+        return jax.device_put(self._joined(states), self._replicated)
 
     def evaluate(self, state: ServerState, examples: list[dict], batch_size: int = 64
                  ) -> list[dict[str, float]]:
-        """Every run's :meth:`FederatedEngine.evaluate` on its own held-out ``examples[r]``, in
-        the same compiled calls (the runs' batches stacked by :func:`stacked_batches`)."""
-        trainable = self._model(state.trainable, state.agg)
-        totals = jax.device_get(_added(*(self._eval(trainable, self.base, state.agg.server, batch)
-                                         for batch in stacked_batches(examples, batch_size))))
-        return [summarize(jax.tree.map(lambda x: x[r], totals)) for r in range(self.num_runs)]
+        """Every run's loss and accuracy of its global model (un-sketched, :attr:`Rule.model`)
+        on its own held-out ``examples[r]``, in the same compiled calls."""
+        return [summarize(t) for t in self._runs(self.totals(state, examples, batch_size))]
+
+    def totals(self, state: ServerState, examples: list[dict], batch_size: int,
+               client: int | None = None) -> dict:
+        """The summed metrics (host arrays on the run axis) of every run's model on its
+        ``examples[r]``; with ``client`` (a run alone), of that client's model
+        (``Rule.model(..., client)``)."""
+        trainable = self._model(state.trainable, state.agg,
+                                *(() if client is None else (jnp.int32(client),)))
+        return jax.device_get(_added(*(
+            self._eval(trainable, self.base, state.agg.server, self._joined(list(batch), np.stack))
+            for batch in zip(*_batches_of_runs(examples, batch_size)))))
 
 
 def _trees_equal(a, b) -> bool:
@@ -860,3 +842,4 @@ def check_packable(engines: list[FederatedEngine]) -> None:
             if not same(engine):
                 raise ValueError(f"Run {r} differs from run 0 in {what}, so they cannot share "
                                  "one compiled program: run them apart (--no-pack).")
+

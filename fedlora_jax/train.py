@@ -120,7 +120,7 @@ def train(cfg: config_lib.RunConfig, *, progress: str = "bar", log=print,
     log(f"model: {setup.description}; clients: {setup.engine.num_clients}; "
         f"held-out examples: {len(setup.heldout['input_ids'])}")
     log(f"classes: {_label_map(setup.label_names)}")
-    (history,), (run,), (state,) = _train_group([folder], Alone(setup), progress=progress,
+    (history,), (run,), (state,) = _train_group([folder], Packed.alone(setup), progress=progress,
                                                 log=log, resume=resume, overwrite=overwrite)
     log(summary(history))
     log(plan_report.summary(run.ctx, state.plan, history,
@@ -221,7 +221,8 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
                 drivers = [(folders, _packed(setups))]
             except NotPackable as e:
                 log(f"not packed ({e}): one by one")
-                drivers = [([folder], Alone(setup)) for folder, setup in zip(folders, setups)]
+                drivers = [([folder], Packed.alone(setup))
+                           for folder, setup in zip(folders, setups)]
             histories = [history for group, driver in drivers for history in _train_group(
                 group, driver, progress="none", log=quiet, resume=False, overwrite=True)[0]]
             for i, rows in zip(part, histories):
@@ -263,69 +264,27 @@ def _checked_folders(cfgs: list[config_lib.RunConfig], *, resume: bool, overwrit
 
 
 @dataclasses.dataclass(frozen=True)
-class Alone:
-    """One run's :class:`~fedlora_jax.engine.FederatedEngine` driven as a pack of one: the
-    engine's own state is the pack's (what :func:`_loop` needs of an engine)."""
-
-    setup: Setup
-
-    @property
-    def setups(self) -> list[Setup]:
-        return [self.setup]
-
-    def init(self, seeds: list[int]) -> ServerState:
-        (seed,) = seeds
-        return self.setup.engine.init(seed)
-
-    def stack(self, states: list[ServerState]) -> ServerState:
-        (state,) = states
-        return state
-
-    def run_state(self, state: ServerState, r: int) -> ServerState:
-        del r
-        return state
-
-    def run_round(self, state: ServerState, plans: list[tuple]
-                  ) -> tuple[ServerState, list[RoundResult]]:
-        ((q, k),) = plans
-        try:
-            state, result = self.setup.engine.run_round(state, q, k)
-        except FloatingPointError as e:
-            raise RunFloatingPointError(0, str(e)) from None
-        return state, [result]
-
-    def evaluate(self, state: ServerState) -> list[dict[str, float]]:
-        """The run's held-out row entries (:func:`fedlora_jax.build.evaluate`)."""
-        return [evaluate(self.setup, state)]
-
-
-@dataclasses.dataclass(frozen=True)
 class Packed:
-    """Runs of one :class:`~fedlora_jax.engine.PackedEngine`, as :func:`_loop` drives them."""
+    """Built runs as :func:`_loop` drives them: their
+    :class:`~fedlora_jax.engine.PackedEngine` (which runs the rounds and stacks the states) and
+    their setups (held-out data). A run alone is its engine's pack of one (:meth:`alone`)."""
 
     engine: PackedEngine
     setups: list[Setup]
 
-    def init(self, seeds: list[int]) -> ServerState:
-        return self.engine.init(seeds)
-
-    def stack(self, states: list[ServerState]) -> ServerState:
-        return self.engine.stack(states)
-
-    def run_state(self, state: ServerState, r: int) -> ServerState:
-        return self.engine.run_state(state, r)
-
-    def run_round(self, state: ServerState, plans: list[tuple]
-                  ) -> tuple[ServerState, list[RoundResult]]:
-        return self.engine.run_round(state, plans)
+    @classmethod
+    def alone(cls, setup: Setup) -> Packed:
+        """One run, driven by its engine's pack of one (its own state, no run axis)."""
+        return cls(setup.engine.pack_of_one, [setup])
 
     def evaluate(self, state: ServerState) -> list[dict[str, float]]:
-        """Every run's held-out row entries, in the same compiled calls."""
+        """Every run's held-out row entries: a run alone's by :func:`fedlora_jax.build.evaluate`
+        (with a personalized rule's per-client scores), a pack's in the same compiled calls."""
+        if not self.engine.stacked:
+            return [evaluate(self.setups[0], state)]
         scores = self.engine.evaluate(state, [setup.heldout for setup in self.setups])
         return [prefixed(s, "eval_") for s in scores]
 
-
-Driver = Alone | Packed
 
 
 def _packed(setups: list[Setup]) -> Packed:
@@ -337,12 +296,12 @@ def _packed(setups: list[Setup]) -> Packed:
         raise NotPackable(str(e)) from None
 
 
-def _train_group(folders: list[Folder], driver: Driver, *, progress: str, log, resume: bool,
+def _train_group(folders: list[Folder], driver: Packed, *, progress: str, log, resume: bool,
                  overwrite: bool) -> tuple[list[list[dict]], list[Run], list[RunState]]:
     """Trains the runs of ``driver`` (built from ``folders``): locks and writes each folder,
     starts or resumes each run (:func:`_start`), loops (:func:`_loop`) and writes each
     allocation. -> (each run's metrics rows, its :class:`Run`, its last state)."""
-    setups = driver.setups
+    setups, engine = driver.setups, driver.engine
     ctxs = [strategy_context(f.cfg, setup) for f, setup in zip(folders, setups)]
     if len(folders) > 1:
         log(f"packed {len(folders)} runs: model {setups[0].description}; clients "
@@ -356,9 +315,9 @@ def _train_group(folders: list[Folder], driver: Driver, *, progress: str, log, r
                 rundir.clear(f.out)
         checkpoints = [stack.enter_context(checkpoint.Checkpointer(f.out / rundir.CHECKPOINT_DIR))
                        for f in folders]
-        server = driver.init([f.cfg.federation.seed for f in folders])
+        server = engine.init([f.cfg.federation.seed for f in folders])
         scores = None if resume else driver.evaluate(server)
-        starts = [_start(setup, RunState(driver.run_state(server, i),
+        starts = [_start(setup, RunState(engine.run_state(server, i),
                                          strategies.init_estimates(ctx.num_clients),
                                          ctx.uniform()),
                          checkpoints[i], folders[i].saved, folders[i].changed, resume=resume,
@@ -390,23 +349,23 @@ def run_step(run: Run, state: RunState) -> tuple[RunState, dict]:
 
     Raises :class:`Diverged` when the clients' updates or their mean training loss are not
     finite, or the loss exceeds ``run.bound``."""
-    server, ((state, row),) = step(Alone(run.setup), [run], [state], state.server,
+    server, ((state, row),) = step(Packed.alone(run.setup), [run], [state], state.server,
                                    int(state.server.round) + 1)
     return state._replace(server=server), row
 
 
-def step(driver: Driver, runs: list[Run], states: list[RunState], server: ServerState, r: int
+def step(driver: Packed, runs: list[Run], states: list[RunState], server: ServerState, r: int
          ) -> tuple[ServerState, list[tuple[RunState, dict]]]:
     """Round ``r`` of every run of ``driver``: each run's plan (:func:`plan_round`), one round
     of the engine from ``server`` (donated), each result folded in (:func:`observe_round`).
     -> (the engine's next state, per run (its next state, its row)); a run's state keeps its
-    ``server`` as it was (:meth:`Alone.run_state` / :meth:`Packed.run_state` give the new).
+    ``server`` as it was (:meth:`~fedlora_jax.engine.PackedEngine.run_state` gives the new).
 
     Raises :class:`Diverged` (its ``run``: the run's index) when a run's client updates or mean
     training loss are not finite, or the loss exceeds the run's bound."""
     plans = [plan_round(run, state, r) for run, state in zip(runs, states)]
     try:
-        new, results = driver.run_round(server, [(p.q, p.k) for p in plans])
+        new, results = driver.engine.run_round(server, [(p.q, p.k) for p in plans])
     except RunFloatingPointError as e:
         raise Diverged(f"Training diverged in round {r}: {e}.", run=e.run) from None
     clocks = np.atleast_1d(np.asarray(new.clock))
@@ -441,7 +400,7 @@ def observe_round(run: Run, state: RunState, plan: strategies.Plan, result: Roun
     return RunState(state.server, estimates, run.strategy.revise(plan, result)), row
 
 
-def _loop(driver: Driver, runs: list[Run], states: list[RunState], histories: list[list[dict]],
+def _loop(driver: Packed, runs: list[Run], states: list[RunState], histories: list[list[dict]],
           checkpoints: list[checkpoint.Checkpointer], cfgs: list[config_lib.RunConfig], *,
           elapsed: list[float], progress: str) -> list[RunState]:
     """:func:`step` until ``rounds`` (the runs share it, as they share ``eval_every`` and
@@ -463,12 +422,13 @@ def _loop(driver: Driver, runs: list[Run], states: list[RunState], histories: li
     if first == rounds:
         log(f"{'the run is' if len(runs) == 1 else 'the runs are'} complete at round {rounds}: "
             "nothing to run (extend with --rounds)")
-    server = driver.stack([state.server for state in states])
+    engine = driver.engine
+    server = engine.stack([state.server for state in states])
     clock_start = time.perf_counter()
 
     def save(server: ServerState, states: list[RunState]) -> None:
         for i, state in enumerate(states):
-            own = state._replace(server=driver.run_state(server, i))
+            own = state._replace(server=engine.run_state(server, i))
             checkpoints[i].save(int(own.server.round), own, config=configs[i],
                                 elapsed_s=elapsed[i] + time.perf_counter() - clock_start)
 
@@ -506,7 +466,7 @@ def _loop(driver: Driver, runs: list[Run], states: list[RunState], histories: li
                 log(f"interrupted: resume from the checkpoint of round {saved.latest_round()} "
                     f"with 'fedlora-jax run --resume --output-dir {c.output_dir}'")
             raise
-    return [state._replace(server=driver.run_state(server, i)) for i, state in enumerate(states)]
+    return [state._replace(server=engine.run_state(server, i)) for i, state in enumerate(states)]
 
 
 def _mean_row(rows: list[dict]) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from fedlora_jax import metrics
 from fedlora_jax.checkpoint import HASHES, CheckpointError, Checkpointer
 from fedlora_jax.config import load_config
-from fedlora_jax.engine import FederatedEngine
+from fedlora_jax.engine import PackedEngine
 from fedlora_jax.train import train
 from tests import compile_cache
 
@@ -67,14 +67,14 @@ def _assert_same_run(run_dir, reference):
 
 
 def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
-    run_round = FederatedEngine.run_round
+    run_round = PackedEngine.run_round  # a run alone: its engine's pack of one
 
     def interrupted(self, state, *args, **kw):
         if int(state.round) == K:
             raise KeyboardInterrupt
         return run_round(self, state, *args, **kw)
 
-    monkeypatch.setattr(FederatedEngine, "run_round", interrupted)
+    monkeypatch.setattr(PackedEngine, "run_round", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _quiet(_cfg(tmp_path))
     monkeypatch.undo()

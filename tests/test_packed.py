@@ -14,6 +14,7 @@ from fedlora_jax.strategies import hetlora
 from fedlora_jax.tasks import classification_loss
 from tests import compile_cache
 from tests.conftest import random_pool, tiny_lora_model
+from tests.test_engine import _counting_loss
 
 SEEDS, RATES = (0, 1, 2, 3), (0.1, 0.3)
 
@@ -103,12 +104,7 @@ def test_packed_runs_equal_the_runs_one_by_one():
 def test_one_compile_for_the_pack_whatever_the_participants():
     """A shared base (one pretrained model for every run): rounds with different participant
     counts per run, empty runs and rounds with no participant at all trace the model once."""
-    traces = []
-
-    def loss(model, batch):
-        traces.append(1)
-        return classification_loss(model, batch)
-
+    loss, traces = _counting_loss()
     parts = split_model(tiny_lora_model(rank=4, seed=0))
     engines = [_engine(seed, lr, loss=loss, parts=parts) for seed in (0, 1) for lr in RATES]
     packed = PackedEngine(engines)
@@ -306,3 +302,20 @@ def test_train_all_trains_flexlora_one_by_one(tmp_path):
     assert [len(rows) for rows in results] == [2, 2]
     with pytest.raises(train_lib.NotPackable, match="flexlora runs do not pack"):
         train_lib.train_packed(cfgs, overwrite=True)
+
+
+def test_a_packed_svd_is_a_loop_of_one_matrix_svds():
+    """FlexLoRA's server SVD under vmap (packed runs) equals each run's own SVD bitwise and
+    lowers to one-matrix LAPACK calls: jaxlib's batched CPU SVD waits on XLA's intra-op pool from
+    a thread of that pool, and two at once deadlocked a packed MiniLM round on 2 cores."""
+    from fedlora_jax.aggregation import truncated_svd_factors
+
+    w = jax.random.normal(jax.random.key(0), (3, 12, 10))
+    one = jax.jit(lambda w: truncated_svd_factors(w, 4))
+    packed = jax.jit(jax.vmap(lambda w: truncated_svd_factors(w, 4)))
+    for r, factors in enumerate(zip(*packed(w))):
+        for got, want in zip(factors, one(w[r])):
+            np.testing.assert_array_equal(got, want)
+    program = packed.lower(w).as_text()
+    assert "lapack_sgesdd" in program and 'num_batch_dims = "0"' in program
+    assert 'num_batch_dims = "1"' not in program

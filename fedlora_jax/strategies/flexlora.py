@@ -40,9 +40,9 @@ def redistribute(trainable, server, total, weight_sum):
 @dataclasses.dataclass(frozen=True)
 class FlexLoRA(TieredRanks):
     name: str = "flexlora"
-    # A packed FlexLoRA round on MiniLM never finished (XLA:CPU, JAX 0.10.2: every thread idle,
-    # the host waiting for the round's result; reproduced with 2 and 4 runs, the tiny model packs
-    # fine). Its runs train one by one until the cause is found.
+    # A packed FlexLoRA round on MiniLM deadlocked in jaxlib's batched CPU SVD (JAX 0.10.2;
+    # fixed by aggregation.svd, docs/benchmarks.md). Its runs train one by one until packed
+    # FlexLoRA is tested against its runs alone.
     packs: ClassVar[bool] = False
 
     def rule(self, lora: LoRAConfig, federation: FederationConfig) -> Rule:
