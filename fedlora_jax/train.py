@@ -177,9 +177,6 @@ def train_packed(cfgs: list[config_lib.RunConfig], *, progress: str = "none", lo
     if len({pack_key(cfg) for cfg in cfgs}) > 1:
         raise NotPackable("The runs differ in more than seeds, learning rates, plans and "
                           "network: group them by train.pack_key first.")
-    if not all(strategies.strategy_of(cfg).packs for cfg in cfgs):
-        raise NotPackable(f"{cfgs[0].strategy} runs do not pack (Strategy.packs): train them "
-                          "one by one (train.train or train_all).")
     folders = _checked_folders(cfgs, resume=resume, overwrite=overwrite)
     setups = [build(folder.cfg) for folder in folders]
     histories, *_ = _train_group(folders, _packed(setups), progress=progress, log=log,
@@ -196,13 +193,11 @@ def train_all(cfgs: list[config_lib.RunConfig], *, pack: bool = True, log=print
     metrics rows, in order. With ``pack``, the configs of one :func:`pack_key` train as packs
     of up to :data:`MAX_PACK` (:func:`train_packed`); a pack whose built runs cannot share a
     program after all (:class:`NotPackable`: a personalized rule) trains one by one from the
-    runs already built; a lone config, a strategy that does not pack (``Strategy.packs``:
-    FlexLoRA) and ``pack=False`` train one by one (:func:`train`).
+    runs already built; a lone config and ``pack=False`` train one by one (:func:`train`).
     ``log`` gets one line per pack or run."""
     groups: dict = {}
     for i, cfg in enumerate(cfgs):
-        packs = pack and strategies.strategy_of(cfg).packs
-        groups.setdefault(pack_key(cfg) if packs else i, []).append(i)
+        groups.setdefault(pack_key(cfg) if pack else i, []).append(i)
     quiet = lambda *_: None
     results: list = [None] * len(cfgs)
     for members in groups.values():

@@ -57,8 +57,8 @@ EXAMPLE = textwrap.dedent("""\
     aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
     its own folder, and its results equal its run alone's up to float round-off). fixed,
     fedit, fslora and adaptive share FSLoRA's rule and pack together; hetlora, flora and ffa
-    (its own model change) pack only with runs of the same strategy; fedsa (personalized) and
-    flexlora (a packed FlexLoRA round on MiniLM hung in XLA:CPU) never pack. --no-pack trains
+    (its own model change) and flexlora pack only with runs of the same strategy; fedsa
+    (personalized) never packs. --no-pack trains
     every run on its own.""")
 
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"

@@ -143,7 +143,6 @@ class Strategy:
 
     name: str = "fixed"
     sampling: ClassVar[str] = "independent"
-    packs: ClassVar[bool] = True  # whether runs of this strategy may train as packs
 
     def settings(self) -> dict[str, tuple[Any, str]]:
         """Run settings this strategy pins: dotted key -> (value, why); a ``None`` value means the

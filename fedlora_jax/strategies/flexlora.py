@@ -11,7 +11,6 @@ The global adapter is kept as the rank-``r`` SVD factors ``A = U_r S_r^(1/2)``,
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -40,10 +39,6 @@ def redistribute(trainable, server, total, weight_sum):
 @dataclasses.dataclass(frozen=True)
 class FlexLoRA(TieredRanks):
     name: str = "flexlora"
-    # A packed FlexLoRA round on MiniLM deadlocked in jaxlib's batched CPU SVD (JAX 0.10.2;
-    # fixed by aggregation.svd, docs/benchmarks.md). Its runs train one by one until packed
-    # FlexLoRA is tested against its runs alone.
-    packs: ClassVar[bool] = False
 
     def rule(self, lora: LoRAConfig, federation: FederationConfig) -> Rule:
         del lora, federation
