@@ -48,11 +48,13 @@ def test_tuning_on_the_budget_picks_the_best_mean_validation_area():
 
 
 def _peak_then_collapse(rounds=20, dt=0.4):
-    """A MiniLM-like slow strategy on one tuning seed: a large step that peaks at round 4-6 and
-    falls to the majority class (0.32) after round 6, and a smaller one rising steadily."""
+    """Two steps' trials on one tuning seed, rounds of ``dt`` s (section 8 of docs/results.md):
+    the large step peaks at round 4-6 and falls to the majority class (0.32) after round 6; the
+    smaller one rises steadily (linearly, a slow learner) to 0.61."""
     collapse = [0.17, 0.32, 0.45, 0.52, 0.54, 0.54, 0.52] + [0.32] * (rounds - 6)
     stable = list(np.linspace(0.17, 0.61, rounds + 1))
-    return {Setting(1.0, None): {0: _rows(collapse, dt)}, Setting(0.3, None): {0: _rows(stable, dt)}}
+    return {Setting(1.0, None): {0: _rows(collapse, dt)},
+            Setting(0.3, None): {0: _rows(stable, dt)}}
 
 
 def test_the_rounds_score_picks_the_stable_step_over_an_early_peak_that_collapses():

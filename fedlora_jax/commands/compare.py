@@ -53,10 +53,11 @@ EXAMPLE = textwrap.dedent("""\
 
     Every strategy is tuned on the same grid (--lr-grid, default the configured client learning
     rate times 0.1, 0.3, 1, 3) on --tune-seeds, scored on the validation split (--tune-score),
-    then run with its best setting on --seeds and scored on the test split. Evaluation runs every round unless
-    --set eval_every=N says otherwise (time to target is read at evaluations). Runs finished
-    before in OUTPUT_DIR with the same settings and the same code are reused, so an interrupted
-    comparison continues where it stopped; delete a run's folder to redo it.
+    then run with its best setting on --seeds and scored on the test split. Evaluation runs
+    every round unless --set eval_every=N says otherwise (time to target is read at
+    evaluations). Runs finished before in OUTPUT_DIR with the same settings and the same code
+    are reused, so an interrupted comparison continues where it stopped; delete a run's folder
+    to redo it.
 
     Packing: runs that differ only in seed, learning rates, network and a strategy of the same
     aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
@@ -69,6 +70,7 @@ EXAMPLE = textwrap.dedent("""\
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)  # test accuracy is reported at these parts of the budget
+DEFAULT_TUNE_SCORE = "rounds"  # a key of TUNE_SCORES: each trial scored over all its rounds
 COVERAGE = 1 / 3  # a budget score over fewer than this share of a trial's rounds is warned about
 Runs = dict[str, dict[int, list[dict]]]  # strategy -> seed -> metrics rows
 
@@ -207,7 +209,6 @@ def rounds_score(rows: list[dict], budget: float) -> float:
 
 
 TUNE_SCORES = {"rounds": rounds_score, "budget": budget_score}  # --tune-score
-DEFAULT_TUNE_SCORE = "rounds"
 
 
 # ------------------------------------------------------------------------------ statistics ---
@@ -379,7 +380,7 @@ class Protocol(NamedTuple):
     tune_seeds: list[int]
     grids: dict[str, list[Setting]]  # strategy -> its tuning grid
     config: Callable[[str, Setting, int, str], object]  # (name, setting, seed, split) -> RunConfig
-    tune_score: str = DEFAULT_TUNE_SCORE  # a key of TUNE_SCORES
+    tune_score: str = DEFAULT_TUNE_SCORE
 
 
 def plan_protocol(args) -> Protocol:
