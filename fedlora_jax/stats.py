@@ -68,6 +68,15 @@ def censor(times, budget: float) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(times, budget), times <= budget
 
 
+def curve_mean(xs, values) -> float:
+    """Mean of the piecewise-linear curve through ``(xs, values)`` (xs ascending) over
+    ``[xs[0], xs[-1]]``: its trapezoidal area over its length, every point counted."""
+    xs, values = np.asarray(xs, np.float64), np.asarray(values, np.float64)
+    if xs.size < 2 or xs[-1] <= xs[0]:
+        raise ValueError(f"curve_mean needs points spanning an interval, got xs={xs.tolist()}.")
+    return float(np.trapezoid(values, xs) / (xs[-1] - xs[0]))
+
+
 def area_under(times, values, budget: float) -> float:
     """Mean of the step curve over ``[0, budget]`` (its normalized area): rewards reaching high
     accuracy early, and needs no target. The curve must start at time 0."""

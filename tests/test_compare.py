@@ -29,19 +29,70 @@ def test_time_to_target_and_accuracy_read_the_evaluations():
     assert compare.accuracy_at(rows, 5.0) == 0.5 and compare.accuracy_at(rows, 100.0) == 0.7
     rows[2].pop("eval_accuracy")  # not evaluated that round
     assert compare.time_to_target(rows, 0.5) == 8.0
-    assert compare.score(rows, 8.0) == pytest.approx((0.1 * 2 + 0.3 * 4 + 0.4 * 2) / 8)
+    assert compare.budget_score(rows, 8.0) == pytest.approx((0.1 * 2 + 0.3 * 4 + 0.4 * 2) / 8)
+    # rounds 0, 1, 3, 4 evaluated: the trapezoids' area over the 4 rounds
+    assert compare.rounds_score(rows, 8.0) == pytest.approx(
+        ((0.1 + 0.3) / 2 + (0.3 + 0.4) / 2 * 2 + (0.4 + 0.7) / 2) / 4)
 
 
-def test_tuning_picks_the_best_mean_validation_area():
+def test_tuning_on_the_budget_picks_the_best_mean_validation_area():
     low, high = Setting(1e-3, None), Setting(1e-2, None)
     trials = {"a": {low: {0: _rows([0.1, 0.2, 0.3]), 1: _rows([0.1, 0.2, 0.3])},
                     high: {0: _rows([0.1, 0.6, 0.2]), 1: _rows([0.1, 0.1, 0.1])}},
               "b": {low: {0: _rows([0.1, 0.5, 0.5])}, high: {0: _rows([0.1, 0.5, 0.5])}}}
-    table, chosen = compare.tuning_table(trials, budget=4.0)
+    table, chosen = compare.tuning_table(trials, budget=4.0, tune_score="budget")
     # a: low scores (0.1 + 0.2) / 2 = 0.15 on both seeds; high (0.35 + 0.1) / 2 = 0.225
     assert chosen == {"a": high, "b": low}  # b ties: the first setting
     assert [r["validation_score"] for r in table] == ["0.1500", "0.2250", "0.3000", "0.3000"]
     assert [r["chosen"] for r in table] == ["", "yes", "yes", ""]
+
+
+def _peak_then_collapse(rounds=20, dt=0.4):
+    """Two steps' trials on one tuning seed, rounds of ``dt`` s (section 8 of docs/results.md):
+    the large step peaks at round 4-6 and falls to the majority class (0.32) after round 6; the
+    smaller one rises steadily (linearly, a slow learner) to 0.61."""
+    collapse = [0.17, 0.32, 0.45, 0.52, 0.54, 0.54, 0.52] + [0.32] * (rounds - 6)
+    stable = list(np.linspace(0.17, 0.61, rounds + 1))
+    return {Setting(1.0, None): {0: _rows(collapse, dt)},
+            Setting(0.3, None): {0: _rows(stable, dt)}}
+
+
+def test_the_rounds_score_picks_the_stable_step_over_an_early_peak_that_collapses():
+    trials = {"slow": _peak_then_collapse(dt=0.4), "fast": _peak_then_collapse(dt=0.1)}
+    budget = 20 * 0.1  # the fast strategy's whole run
+    # the budget sees the slow strategy's first 5 rounds, where the large step leads
+    assert compare.tuning_table(trials, budget, "budget")[1] == {
+        "slow": Setting(1.0, None), "fast": Setting(0.3, None)}
+    table, chosen = compare.tuning_table(trials, budget, "rounds")
+    assert chosen == {"slow": Setting(0.3, None), "fast": Setting(0.3, None)}
+    dense = np.linspace(0, 20, 20001)  # the curves' mean over the rounds, by dense sampling
+    for row in table:
+        accs = [r["eval_accuracy"] for r in trials[row["strategy"]][Setting(row["client_lr"],
+                                                                            None)][0]]
+        reference = np.interp(dense, np.arange(21), accs).mean()
+        assert float(row["validation_score"]) == pytest.approx(reference, abs=1e-4)
+
+
+def test_a_budget_score_over_under_a_third_of_a_strategys_rounds_is_warned_about():
+    slow, fast = _peak_then_collapse(dt=0.4), _peak_then_collapse(dt=0.1)
+    runs = {name: [by_seed[0] for by_seed in trials.values()]
+            for name, trials in (("slow", slow), ("fast", fast))}
+    lines = []
+    found = compare.roundless("tuning", runs, budget=2.0, log=lines.append,
+                              coverage=compare.COVERAGE)
+    assert found == [{"stage": "tuning", "strategy": "slow", "runs": 2, "of": 2,
+                      "rounds_within": 5, "rounds": 20, "round_s": 0.4, "budget_s": 2.0}]
+    assert lines == ["compare: warning: slow completes under 33% of its 20 rounds (as few as 5) "
+                     "within the tuning budget of 2 s on 2 of its 2 tuning runs, so its tuning "
+                     "score sees its start only; --tune-score rounds scores every trial over "
+                     "all its rounds."]
+    edge = compare.roundless("tuning", runs, budget=2.5, log=lines.append,
+                             coverage=compare.COVERAGE)  # 6 of 20 rounds: under a third
+    assert [(w["strategy"], w["rounds_within"]) for w in edge] == [("slow", 6)]
+    assert compare.roundless("tuning", runs, budget=2.9, log=lines.append,
+                             coverage=compare.COVERAGE) == []  # 7 of 20: not under a third
+    assert compare.roundless("tuning", runs, budget=2.0, log=lines.append) == []  # rounds score
+    assert len(lines) == 2
 
 
 def _synthetic_runs():
@@ -84,13 +135,14 @@ def test_a_strategy_whose_first_round_outlasts_the_budget_is_warned_about():
             "fast": [_rows([0.1, 0.5], dt=1.0)], "mixed": [_rows([0.1, 0.5]), _rows([0.1, 0.5], dt=4.0)]}
     lines = []
     found = compare.roundless("tuning", runs, budget=2.5, log=lines.append)
-    assert found == [{"stage": "tuning", "strategy": "slow", "runs": 2, "of": 2, "round_s": 3.0,
-                      "budget_s": 2.5},
-                     {"stage": "tuning", "strategy": "mixed", "runs": 1, "of": 2, "round_s": 4.0,
-                      "budget_s": 2.5}]
+    assert found == [{"stage": "tuning", "strategy": "slow", "runs": 2, "of": 2,
+                      "rounds_within": 0, "rounds": 1, "round_s": 3.0, "budget_s": 2.5},
+                     {"stage": "tuning", "strategy": "mixed", "runs": 1, "of": 2,
+                      "rounds_within": 0, "rounds": 1, "round_s": 4.0, "budget_s": 2.5}]
     assert lines[0] == ("compare: warning: slow's first round takes 3 s or more on 2 of its 2 "
                         "tuning runs, past the tuning budget of 2.5 s: it completes no round "
-                        "there, so its result is degenerate.")
+                        "there, so its result is degenerate; a longer --budget (or more "
+                        "--rounds) fixes it.")
     assert compare.roundless("reporting", runs, budget=5.0, log=lines.append) == [] and len(lines) == 2
 
 
@@ -203,6 +255,10 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert {r["seed"] for r in tuning} == {7}
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["budget_s"] == pytest.approx(clock["fslora"])  # the shortest run
+    assert protocol["tune_score"] == "rounds"  # the default
+    assert (out / "tuning.md").read_text().startswith(
+        "Validation score (--tune-score rounds): each trial's mean validation accuracy over all "
+        "its rounds")
     printed = capsys.readouterr().out
     assert "| fedit | 0.005 | 1.0 |" in printed and "| baseline | fslora_faster |" in printed
 
@@ -211,13 +267,18 @@ def test_compare_records_a_budget_shorter_than_a_round(tmp_path, capsys):
     compile_cache.enable()
     assert main(["compare", "--preset", "tiny", "--rounds", "1", "--strategies", "fedit",
                  "--seeds", "3", "--tune-seeds", "7", "--lr-grid", "0.005", "--budget", "1e-6",
-                 "--output-dir", str(tmp_path)]) == 0
+                 "--tune-score", "budget", "--output-dir", str(tmp_path)]) == 0
     first = {stage: [r["sim_clock_s"] for r in map(json.loads, (tmp_path / file).open())
                      if r["round"] == 1][0]
              for stage, file in (("tuning", "tuning.jsonl"), ("reporting", "metrics.jsonl"))}
-    warnings = json.loads((tmp_path / "protocol.json").read_text())["warnings"]
-    assert warnings == [{"stage": stage, "strategy": "fedit", "runs": 1, "of": 1,
-                         "round_s": first[stage], "budget_s": 1e-6} for stage in first]
+    protocol = json.loads((tmp_path / "protocol.json").read_text())
+    assert protocol["tune_score"] == "budget"
+    assert (tmp_path / "tuning.md").read_text().startswith(
+        "Validation score (--tune-score budget): each trial's mean validation accuracy over the "
+        "first 1e-06 simulated seconds.")
+    assert protocol["warnings"] == [{"stage": stage, "strategy": "fedit", "runs": 1, "of": 1,
+                                     "rounds_within": 0, "rounds": 1, "round_s": first[stage],
+                                     "budget_s": 1e-6} for stage in first]
     printed = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(printed) == 2 and all("fedit's first round takes" in line for line in printed)
 
@@ -244,6 +305,7 @@ def test_compare_reuses_only_runs_of_the_same_settings_and_code(tmp_path, capsys
     (["--seeds", "0-3", "--tune-seeds", "3"], "--tune-seeds must be disjoint from --seeds"),
     (["--lr-grid", "0.01,-1"], "positive learning rates"),
     (["--validation-fraction", "1.5"], "data.validation_fraction must be in"),
+    (["--tune-score", "area"], "--tune-score must be one of rounds, budget, got 'area'"),
 ])
 def test_compare_rejects_bad_input_before_training(tmp_path, capsys, args, message):
     assert main(["compare", "--preset", "tiny", "--output-dir", str(tmp_path), *args]) == 2

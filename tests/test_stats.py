@@ -58,6 +58,10 @@ def test_step_curve_reading_crossing_and_area():
     assert stats.area_under(t, acc, 2.0) == pytest.approx((0.1 + 0.5) / 2)
     with pytest.raises(ValueError, match="starts at time 0"):
         stats.area_under([1.0, 2.0], [0.1, 0.2], 3.0)
+    # the piecewise-linear curve's mean: trapezoids (0.1+0.5)/2 * 1 and (0.5+0.9)/2 * 2, over 3
+    assert stats.curve_mean(t, acc) == pytest.approx((0.3 + 1.4) / 3)
+    with pytest.raises(ValueError, match="spanning an interval"):
+        stats.curve_mean([0.0], [0.5])
 
 
 def test_paired_ratio_of_a_known_speedup():

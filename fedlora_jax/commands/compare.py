@@ -3,9 +3,12 @@
 1. **Tuning.** Every strategy gets the same grid: client learning rates, times server steps for
    the strategies that have one (those that do not pin ``server_optimizer``). Each trial runs on
    the tuning seeds and is scored on the *validation* split only (a seeded part of the held-out
-   data, disjoint from the test split: ``data.validation_fraction``) by the mean of its
-   validation-accuracy step curve over the wall-clock budget. The best mean score over the tuning
-   seeds picks each strategy's setting.
+   data, disjoint from the test split: ``data.validation_fraction``). ``--tune-score rounds``
+   (the default) scores a trial by its mean validation accuracy over all its rounds (the area
+   under its accuracy-vs-round curve), so every strategy is tuned over the same rounds whatever
+   their length; ``--tune-score budget`` by its mean over the wall-clock budget (its first rounds
+   only, for a strategy with long rounds). The best mean score over the tuning seeds picks each
+   strategy's setting.
 2. **Reporting.** Each strategy's chosen setting runs on the reporting seeds, scored on the test
    split. One seed fixes the data split, the network, the initialization and the sampling keys
    for every strategy, so results are paired by seed.
@@ -20,8 +23,9 @@ of the best validation accuracy of the tuning stage (the test split never picks 
 Writes to ``OUTPUT_DIR``: ``tuning.csv/.md`` (every trial's score), ``summary.csv/.md``,
 ``paired.csv/.md``, ``accuracy_vs_clock.png`` and ``accuracy_vs_round.png`` (mean over seeds with
 its 95% band), ``metrics.jsonl`` and ``tuning.jsonl`` (every row, tagged) and ``protocol.json``
-(with ``warnings``: the strategies whose first round outlasts a stage's budget, so that they
-complete no round within it and their result there is degenerate; printed too).
+(with ``tune_score`` and ``warnings``: the strategies with runs that complete no round within a
+stage's budget, whose result there is degenerate, and, under ``--tune-score budget``, those
+whose tuning runs complete under a third of their rounds within it; printed too).
 """
 
 from __future__ import annotations
@@ -45,13 +49,15 @@ EXAMPLE = textwrap.dedent("""\
       fedlora-jax compare --preset tiny --strategies adaptive,fedit,fslora --seeds 0-19
       fedlora-jax compare --strategies adaptive,fslora,fedit --seeds 0-4 --lr-grid 1e-3,3e-3,1e-2
       fedlora-jax compare --preset tiny --server-lr-grid 0.5,1 --budget 0.2 --target 0.8
+      fedlora-jax compare --preset tiny --tune-score budget  # tune on the wall-clock budget
 
     Every strategy is tuned on the same grid (--lr-grid, default the configured client learning
-    rate times 0.1, 0.3, 1, 3) on --tune-seeds, scored on the validation split, then run with its
-    best setting on --seeds and scored on the test split. Evaluation runs every round unless
-    --set eval_every=N says otherwise (time to target is read at evaluations). Runs finished
-    before in OUTPUT_DIR with the same settings and the same code are reused, so an interrupted
-    comparison continues where it stopped; delete a run's folder to redo it.
+    rate times 0.1, 0.3, 1, 3) on --tune-seeds, scored on the validation split (--tune-score),
+    then run with its best setting on --seeds and scored on the test split. Evaluation runs
+    every round unless --set eval_every=N says otherwise (time to target is read at
+    evaluations). Runs finished before in OUTPUT_DIR with the same settings and the same code
+    are reused, so an interrupted comparison continues where it stopped; delete a run's folder
+    to redo it.
 
     Packing: runs that differ only in seed, learning rates, network and a strategy of the same
     aggregation rule train as one compiled program (up to 16 runs a pack; each run still gets
@@ -64,6 +70,8 @@ EXAMPLE = textwrap.dedent("""\
 DEFAULT_STRATEGIES = "adaptive,fslora,hetlora,flexlora,fedit,ffa"
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)  # the default grid, times the configured client step: 30x
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)  # test accuracy is reported at these parts of the budget
+DEFAULT_TUNE_SCORE = "rounds"  # a key of TUNE_SCORES: each trial scored over all its rounds
+COVERAGE = 1 / 3  # a budget score over fewer than this share of a trial's rounds is warned about
 Runs = dict[str, dict[int, list[dict]]]  # strategy -> seed -> metrics rows
 
 
@@ -104,6 +112,10 @@ def register(subparsers) -> None:
                                      "(default: the configured one times 0.1, 0.3, 1, 3)")
     p.add_argument("--server-lr-grid", help="server steps tried by the strategies that have one "
                                             "(default: the configured one, not tuned)")
+    p.add_argument("--tune-score", default=DEFAULT_TUNE_SCORE, metavar="{rounds,budget}",
+                   help="a trial's score: its mean validation accuracy over all its rounds "
+                        "(rounds, the default) or over the tuning stage's wall-clock budget "
+                        "(budget: a strategy with long rounds is scored on its start only)")
     p.add_argument("--validation-fraction", type=float, default=0.5,
                    help="share of the held-out data used for validation (default 0.5)")
     p.add_argument("--budget", type=float,
@@ -150,33 +162,62 @@ def first_round_time(rows: list[dict]) -> float:
     return float(next(r["sim_clock_s"] for r in rows if r.get("round", 0) >= 1))
 
 
-def roundless(stage: str, runs: dict[str, list[list[dict]]], budget: float, log=print
-              ) -> list[dict]:
-    """Strategies with runs that complete no round within ``budget`` (their first round ends
-    after it, so their score or result is the untrained model's): one warning line each, logged,
-    and returned as records for ``protocol.json``."""
+def rounds_within(rows: list[dict], budget: float) -> int:
+    """Rounds a run completes within ``budget`` simulated seconds."""
+    return sum(1 for r in rows if r.get("round", 0) >= 1 and r["sim_clock_s"] <= budget)
+
+
+def roundless(stage: str, runs: dict[str, list[list[dict]]], budget: float, log=print,
+              coverage: float = 0.0) -> list[dict]:
+    """Strategies with runs that complete no round within ``budget`` (their score or result
+    there is the untrained model's) or, with ``coverage``, fewer than that share of their rounds
+    (a budget score sees their start only): one warning line each, logged, and returned as
+    records for ``protocol.json``."""
     found = []
     for name, all_rows in runs.items():
-        late = [t for t in map(first_round_time, all_rows) if t > budget]
-        if late:
-            found.append({"stage": stage, "strategy": name, "runs": len(late), "of": len(all_rows),
-                          "round_s": min(late), "budget_s": budget})
-            log(f"compare: warning: {name}'s first round takes {min(late):.4g} s or more on "
-                f"{len(late)} of its {len(all_rows)} {stage} runs, past the {stage} budget of "
-                f"{budget:.4g} s: it completes no round there, so its result is degenerate.")
+        short = [rows for rows in all_rows
+                 if rounds_within(rows, budget) < max(1, coverage * rows[-1]["round"])]
+        if not short:
+            continue
+        done = min(rounds_within(rows, budget) for rows in short)
+        first = min(map(first_round_time, short))
+        found.append({"stage": stage, "strategy": name, "runs": len(short), "of": len(all_rows),
+                      "rounds_within": done, "rounds": short[0][-1]["round"],
+                      "round_s": first, "budget_s": budget})
+        where = f"on {len(short)} of its {len(all_rows)} {stage} runs"
+        log(f"compare: warning: {name}'s first round takes {first:.4g} s or more {where}, past "
+            f"the {stage} budget of {budget:.4g} s: it completes no round there, so its result "
+            f"is degenerate; a longer --budget (or more --rounds) fixes it." if done == 0 else
+            f"compare: warning: {name} completes under {coverage:.0%} of its "
+            f"{short[0][-1]['round']} rounds (as few as {done}) within the {stage} budget of "
+            f"{budget:.4g} s {where}, so its {stage} score sees its start only; --tune-score "
+            f"rounds scores every trial over all its rounds.")
     return found
 
 
-def score(rows: list[dict], budget: float) -> float:
-    """The tuning score: mean validation accuracy over ``[0, budget]`` (area under the curve)."""
+def budget_score(rows: list[dict], budget: float) -> float:
+    """Mean validation accuracy over ``[0, budget]`` simulated seconds (the step curve's area):
+    a strategy with long rounds is scored on the rounds that fit in the budget."""
     return stats.area_under(*curve(rows), budget)
+
+
+def rounds_score(rows: list[dict], budget: float) -> float:
+    """Mean validation accuracy over the whole run, by round (the area under its
+    accuracy-vs-round curve over its rounds; ``budget`` unused): the same rounds for every
+    strategy, so a collapse after the first rounds costs the rounds it lasts."""
+    return stats.curve_mean(*curve(rows, "round"))
+
+
+TUNE_SCORES = {"rounds": rounds_score, "budget": budget_score}  # --tune-score
 
 
 # ------------------------------------------------------------------------------ statistics ---
 
-def tuning_table(trials: dict[str, dict[Setting, dict[int, list[dict]]]], budget: float
-                 ) -> tuple[list[dict], dict[str, Setting]]:
-    """Every trial's score (mean over the tuning seeds) and each strategy's best setting."""
+def tuning_table(trials: dict[str, dict[Setting, dict[int, list[dict]]]], budget: float,
+                 tune_score: str = DEFAULT_TUNE_SCORE) -> tuple[list[dict], dict[str, Setting]]:
+    """Every trial's score (``TUNE_SCORES[tune_score]``, mean over the tuning seeds) and each
+    strategy's best setting."""
+    score = TUNE_SCORES[tune_score]
     table, chosen = [], {}
     for name, by_setting in trials.items():
         scores = {s: float(np.mean([score(rows, budget) for rows in by_seed.values()]))
@@ -339,6 +380,7 @@ class Protocol(NamedTuple):
     tune_seeds: list[int]
     grids: dict[str, list[Setting]]  # strategy -> its tuning grid
     config: Callable[[str, Setting, int, str], object]  # (name, setting, seed, split) -> RunConfig
+    tune_score: str = DEFAULT_TUNE_SCORE
 
 
 def plan_protocol(args) -> Protocol:
@@ -356,6 +398,9 @@ def plan_protocol(args) -> Protocol:
             f"both hold {both}; e.g. --tune-seeds 1000,1001")
     require(args.budget is None or args.budget > 0, "--budget", args.budget,
             "be a positive number of seconds")
+    require(args.tune_score in TUNE_SCORES, "--tune-score", args.tune_score,
+            f"be one of {', '.join(TUNE_SCORES)}",
+            "rounds scores a trial over all its rounds, budget over the wall-clock budget")
     base = [f"{key}={getattr(args, name)}" for name, key in CONFIG_SHORTCUTS.items()
             if getattr(args, name) is not None]
     base = ["eval_every=1", *base, *args.overrides,
@@ -387,7 +432,7 @@ def plan_protocol(args) -> Protocol:
     if args.reference not in names:
         print(f"compare: --reference {args.reference!r} is not among the strategies; "
               "no paired table.")
-    return Protocol(names, seeds, tune_seeds, grids, config)
+    return Protocol(names, seeds, tune_seeds, grids, config, args.tune_score)
 
 
 def tune(protocol: Protocol, out: Path, budget: float | None, pack: bool = True
@@ -403,13 +448,16 @@ def tune(protocol: Protocol, out: Path, budget: float | None, pack: bool = True
     for (name, setting, seed), rows in done.items():
         trials[name].setdefault(setting, {})[seed] = rows
     budget = budget or min(shortest(by_setting) for by_setting in trials.values())
-    table, chosen = tuning_table(trials, budget)
-    write_table(table, out, "tuning", [f"Validation score: mean validation accuracy over the "
-                                       f"first {budget:.4g} simulated seconds."])
+    table, chosen = tuning_table(trials, budget, protocol.tune_score)
+    scored = {"rounds": "all its rounds (the area under its accuracy-vs-round curve)",
+              "budget": f"the first {budget:.4g} simulated seconds"}[protocol.tune_score]
+    write_table(table, out, "tuning", [f"Validation score (--tune-score {protocol.tune_score}): "
+                                       f"each trial's mean validation accuracy over {scored}."])
     best = max(acc for rows in done.values() for t, acc in zip(*curve(rows)) if t <= budget)
     warnings = roundless("tuning", {name: [rows for by_seed in by_setting.values()
                                            for rows in by_seed.values()]
-                                    for name, by_setting in trials.items()}, budget)
+                                    for name, by_setting in trials.items()}, budget,
+                         coverage=COVERAGE if protocol.tune_score == "budget" else 0.0)
     return chosen, budget, best, warnings
 
 
@@ -454,6 +502,7 @@ def main(args) -> int:
                                       pack=not args.no_pack)
     (out / "protocol.json").write_text(json.dumps(
         {"target": target, "budget_s": budget, "tuning_budget_s": tune_budget,
+         "tune_score": protocol.tune_score,
          "seeds": protocol.seeds, "tune_seeds": protocol.tune_seeds,
          "chosen": {n: s._asdict() for n, s in chosen.items()},
          "grid": {n: [s._asdict() for s in g] for n, g in protocol.grids.items()},
