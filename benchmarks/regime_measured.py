@@ -2,8 +2,7 @@
 of ``benchmarks/regime_map.py``'s maps, set beside the speedup the solver predicts there.
 
     python benchmarks/regime_measured.py --out docs/results/regime_map [--cells preset,radius_2000m]
-    python benchmarks/regime_measured.py --model minilm --out docs/results/regime_map_minilm \
-        --cells bandwidth_1e6,bandwidth_1e9
+    python benchmarks/regime_measured.py --model minilm --out docs/results/regime_map_minilm
 
 Each cell is a system setting over a preset's (the run ``regime_map.py`` models): ``--model
 tiny`` (the tiny preset, AdamW clients: docs/results.md section 1) or ``minilm`` (the embedded
@@ -47,7 +46,7 @@ from fedlora_jax.commands import compare
 from fedlora_jax.config import load_config
 from fedlora_jax.fields import require
 
-CELLS = {  # name: the cell's settings over the preset's (10 MHz, sigma 0.5, 500 m; 16 or 10 clients)
+CELLS = {  # name: settings over the preset's (10 MHz, sigma 0.5, 500 m; 16 or 10 clients)
     "preset": {},
     "radius_100m": {"cell_radius_m": 100.0},
     "radius_2000m": {"cell_radius_m": 2000.0},
@@ -72,6 +71,7 @@ class Mode:
     label: str
     protocol: tuple[str, ...]
     baselines: tuple[str, ...]
+    cells: str
     seeds: str
     rounds: int
     lr_grid: str | None
@@ -86,7 +86,8 @@ MODES = {
     "tiny": Mode("tiny", "tiny preset",
                  ("--preset", "tiny", "--tune-seeds", "1000", "--set",
                   "data.synthetic_per_client=100", "--set", "data.heldout_fraction=0.3", "--set",
-                  "checkpoint_every=0"), ("fedit", "fslora", "hetlora"), "0-19", 30,
+                  "checkpoint_every=0"), ("fedit", "fslora", "hetlora"),
+                 "preset,radius_100m,radius_2000m,bandwidth_1e8", "0-19", 30,
                  "3e-3,1e-2,3e-2,1e-1", regime_map.G2, regime_map.SIGNAL,
                  "runs/regime_measured"),
     # section 6 (the embedded default, AdamW clients); its best two baselines. The map's
@@ -94,7 +95,8 @@ MODES = {
     # (docs/results/protocol_minilm/metrics.jsonl.gz)
     "minilm": Mode("default", "MiniLM, the embedded default",
                    ("--tune-seeds", "1000", "--set", "eval_every=2", "--set", "checkpoint_every=0"),
-                   ("fedit", "hetlora"), "0-4", 20, None, 39.07, 1.566,
+                   ("fedit", "hetlora"), "bandwidth_1e9,bandwidth_1e6,preset,radius_2000m",
+                   "0-4", 20, None, 39.07, 1.566,
                    "runs/regime_measured_minilm", "docs/results/protocol_minilm/protocol.json"),
 }
 
@@ -295,18 +297,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/regime_map", help="folder for measured.json/.png")
     p.add_argument("--runs", help="compare's output, per cell (default runs/regime_measured, "
                                   "MiniLM: runs/regime_measured_minilm)")
-    p.add_argument("--cells", default="preset,radius_100m,radius_2000m,bandwidth_1e8",
-                   help=f"comma-separated, of {', '.join(CELLS)}")
+    p.add_argument("--cells", help=f"comma-separated, of {', '.join(CELLS)} (default "
+                                   "preset,radius_100m,radius_2000m,bandwidth_1e8; MiniLM: "
+                                   "bandwidth_1e9,bandwidth_1e6,preset,radius_2000m)")
     p.add_argument("--seeds", help="default 0-19 (MiniLM: 0-4)")
     p.add_argument("--rounds", type=int, help="default 30 (MiniLM: 20)")
-    p.add_argument("--lr-grid", help="tune at every cell on this grid (default 3e-3,1e-2,3e-2,1e-1; "
-                                     "MiniLM: not tuned, the settings of section 6)")
+    p.add_argument("--lr-grid", help="tune at every cell on this grid (default "
+                                     "3e-3,1e-2,3e-2,1e-1; MiniLM: none, section 6's settings)")
     p.add_argument("--draws", type=int, default=3, help="network draws of the prediction")
     args = p.parse_args(argv)
     mode = MODES[args.model]
     seeds, rounds = args.seeds or mode.seeds, args.rounds or mode.rounds
     lr_grid = args.lr_grid or mode.lr_grid
-    names = [c for c in args.cells.split(",") if c]
+    names = [c for c in (args.cells or mode.cells).split(",") if c]
     unknown = [c for c in names if c not in CELLS]
     if unknown or not names:
         p.error(f"--cells: unknown {unknown or 'none given'}; choose from {', '.join(CELLS)}")
