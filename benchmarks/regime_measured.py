@@ -205,10 +205,10 @@ def measured(out: Path, baselines: tuple[str, ...]) -> dict:
 
 
 def predicted(model: regime_map.Model, point: dict, draws: int, g2: float, signal: float
-              ) -> float:
-    """The map's predicted speedup at a cell: median over its network draws."""
-    return float(np.median(regime_map.predicted_speedups(
-        model, *regime_map.cell(point, model.num_clients), draws, g2, signal)))
+              ) -> list[float]:
+    """The map's predicted speedups at a cell, one per network draw."""
+    return regime_map.predicted_speedups(
+        model, *regime_map.cell(point, model.num_clients), draws, g2, signal).tolist()
 
 
 def export(out: Path, dst: Path) -> None:
@@ -336,11 +336,13 @@ def main(argv=None) -> None:
         side = measured(runs_dir / c, mode.baselines)
         export(runs_dir / c, out / "measured" / c)
         g2, signal = side["adaptive_estimates"].values()
+        draws = predicted(model, CELLS[c], args.draws, mode.g2, mode.signal)
         rows.append({
             "cell": c, "settings": CELLS[c], "command": "fedlora-jax " + " ".join(argvs[c]),
             **({"tuned_at": mode.tuned_at} if fixed else {}),
-            "predicted": predicted(model, CELLS[c], args.draws, mode.g2, mode.signal),
-            "predicted_own_estimates": predicted(model, CELLS[c], args.draws, g2, signal),
+            "predicted": float(np.median(draws)), "predicted_draws": draws,  # median: the map's
+            "predicted_own_estimates": float(np.median(
+                predicted(model, CELLS[c], args.draws, g2, signal))),
             "measured": side, "host_s": round(time.perf_counter() - start, 1),
             "load_average_before": load, "load_average_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
