@@ -48,13 +48,14 @@ class Model:
     rank: int
     q_default: float
     participants: float
+    num_clients: int  # the preset's, where a cell does not set it
 
 
 def model_of(preset: str) -> Model:
     cfg = load_config(preset=preset)
     ctx = strategy_context(cfg, build(cfg))
     return Model(ctx.workload, ctx.round_overhead_s, theory.update_law(ctx.client_optimizer),
-                 ctx.rank, ctx.q_default, cfg.federation.participants)
+                 ctx.rank, ctx.q_default, cfg.federation.participants, cfg.data.num_clients)
 
 
 def predicted_speedups(model: Model, system: wireless.SystemConfig, num_clients: int,
@@ -91,12 +92,12 @@ QUICK = {"bandwidth_x_compute_spread": ([1e6, 10e6], [0.0, 1.0]),
          "payload_x_compute_spread": ([1.0, 16.0], [0.5])}
 
 
-def cell(point: dict) -> tuple[wireless.SystemConfig, int, float]:
+def cell(point: dict, num_clients: int) -> tuple[wireless.SystemConfig, int, float]:
     """A map cell ``{setting: value}`` as (system, number of clients, payload factor): the
-    ``SystemConfig`` fields it names over the defaults, ``num_clients`` (default 16, the tiny
-    preset's) and ``payload`` (default 1)."""
+    ``SystemConfig`` fields it names over the defaults, ``num_clients`` (default: the preset's
+    ``num_clients``) and ``payload`` (default 1)."""
     point = dict(point)
-    n = int(point.pop("num_clients", 16))
+    n = int(point.pop("num_clients", num_clients))
     payload = float(point.pop("payload", 1.0))
     return dataclasses.replace(wireless.SystemConfig(), **point), n, payload
 
@@ -107,7 +108,8 @@ def sweep(model: Model, name: str, xs, ys, draws: int, g2: float, signal: float)
     out = np.empty((len(ys), len(xs), draws))
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            out[i, j] = predicted_speedups(model, *cell({x_key: x, y_key: y}), draws, g2, signal)
+            out[i, j] = predicted_speedups(model, *cell({x_key: x, y_key: y}, model.num_clients),
+                                              draws, g2, signal)
     return out
 
 

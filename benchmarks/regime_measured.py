@@ -2,15 +2,22 @@
 of ``benchmarks/regime_map.py``'s maps, set beside the speedup the solver predicts there.
 
     python benchmarks/regime_measured.py --out docs/results/regime_map [--cells preset,radius_2000m]
+    python benchmarks/regime_measured.py --model minilm --out docs/results/regime_map_minilm
 
-Each cell is a system setting of the tiny preset (the run ``regime_map.py`` models). At each cell
-``fedlora-jax compare`` tunes every strategy's client learning rate on the validation split and
-runs ``adaptive``, FedIT, FSLoRA and HetLoRA on paired seeds; the measured speedup is the paired
-time-to-target ratio ``adaptive / best baseline`` (the baseline with the shortest restricted mean
-time, misses censored at the budget) with its 95% bootstrap CI and the share of seeds where
-``adaptive`` is faster. The predicted speedup is ``regime_map.predicted_speedups`` at the cell
-(median over its network draws), with the map's estimates (``G_n^2``, ``|g|^2``) and again with
-the estimates ``adaptive`` itself logged in the cell (median over seeds of the last round's).
+Each cell is a system setting over a preset's (the run ``regime_map.py`` models): ``--model
+tiny`` (the tiny preset, AdamW clients: docs/results.md section 1) or ``minilm`` (the embedded
+default, AdamW clients: section 6). On the tiny preset ``fedlora-jax compare`` tunes every
+strategy's client learning rate at each cell on the validation split (``--lr-grid``) and runs
+``adaptive``, FedIT, FSLoRA and HetLoRA on paired seeds. On MiniLM (a run costs minutes) nothing
+is tuned at a cell: ``adaptive``, FedIT and HetLoRA run compare's reporting stage with the
+settings and the target that section 6's tuning chose at the preset cell
+(``docs/results/protocol_minilm/protocol.json``), unless ``--lr-grid`` asks for tuning. The
+measured speedup is the paired time-to-target ratio ``adaptive / best baseline`` (the baseline
+with the shortest restricted mean time, misses censored at the budget) with its 95% bootstrap CI
+and the share of seeds where ``adaptive`` is faster. The predicted speedup is
+``regime_map.predicted_speedups`` at the cell with the preset's workload (median over its network
+draws), with the map's estimates (``G_n^2``, ``|g|^2``) and again with the estimates ``adaptive``
+itself logged in the cell (median over seeds of the last round's).
 
 Cells run in one process, so compiled programs are shared between cells of one client count;
 with ``JAX_COMPILATION_CACHE_DIR`` set, across processes too. Finished runs are reused (compare's
@@ -36,39 +43,107 @@ import regime_map
 from fedlora_jax import stats, wireless
 from fedlora_jax.cli import build_parser
 from fedlora_jax.commands import compare
+from fedlora_jax.config import load_config
 from fedlora_jax.fields import require
 
-CELLS = {  # name: the cell's settings over the tiny preset's (10 MHz, sigma 0.5, 500 m, 16)
+CELLS = {  # name: settings over the preset's (10 MHz, sigma 0.5, 500 m; 16 or 10 clients)
     "preset": {},
     "radius_100m": {"cell_radius_m": 100.0},
     "radius_2000m": {"cell_radius_m": 2000.0},
+    "bandwidth_1e6": {"bandwidth_hz": 1e6},
     "bandwidth_1e8": {"bandwidth_hz": 1e8},
+    "bandwidth_1e9": {"bandwidth_hz": 1e9},
     "clients_64": {"num_clients": 64},
 }
-REFERENCE, BASELINES = "adaptive", ("fedit", "fslora", "hetlora")
-# the protocol of docs/results.md, section 1 (the tiny preset, AdamW clients)
-PROTOCOL = ["--preset", "tiny", "--tune-seeds", "1000", "--set", "data.synthetic_per_client=100",
-            "--set", "data.heldout_fraction=0.3", "--set", "checkpoint_every=0"]
+REFERENCE = "adaptive"
 SYSTEM_FIELDS = tuple(f.name for f in dataclasses.fields(wireless.SystemConfig))
+NAMES = {"fedit": "FedIT", "fslora": "FSLoRA", "hetlora": "HetLoRA"}  # for the figure
 
 
-def overrides(point: dict) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One model's measured points: the preset the map models (and its label), compare's protocol
+    options besides the cell, the baselines, the command line's defaults, the map's estimates,
+    and where the settings come from when a cell is not tuned (``tuned_at``, a compare
+    ``protocol.json``: its chosen settings and its target)."""
+
+    preset: str
+    label: str
+    protocol: tuple[str, ...]
+    baselines: tuple[str, ...]
+    cells: str
+    seeds: str
+    rounds: int
+    lr_grid: str | None
+    g2: float
+    signal: float
+    runs: str
+    tuned_at: str | None = None
+
+
+MODES = {
+    # the protocol of docs/results.md, section 1 (the tiny preset, AdamW clients)
+    "tiny": Mode("tiny", "tiny preset",
+                 ("--preset", "tiny", "--tune-seeds", "1000", "--set",
+                  "data.synthetic_per_client=100", "--set", "data.heldout_fraction=0.3", "--set",
+                  "checkpoint_every=0"), ("fedit", "fslora", "hetlora"),
+                 "preset,radius_100m,radius_2000m,bandwidth_1e8", "0-19", 30,
+                 "3e-3,1e-2,3e-2,1e-1", regime_map.G2, regime_map.SIGNAL,
+                 "runs/regime_measured"),
+    # section 6 (the embedded default, AdamW clients); its best two baselines. The map's
+    # estimates: adaptive's last logged est_g2_mean and est_signal there, median over its 5 seeds
+    # (docs/results/protocol_minilm/metrics.jsonl.gz)
+    "minilm": Mode("default", "MiniLM, the embedded default",
+                   ("--tune-seeds", "1000", "--set", "eval_every=2", "--set", "checkpoint_every=0"),
+                   ("fedit", "hetlora"), "bandwidth_1e9,bandwidth_1e6,radius_2000m",
+                   "0-4", 20, None, 39.07, 1.566,
+                   "runs/regime_measured_minilm", "docs/results/protocol_minilm/protocol.json"),
+}
+
+
+def overrides(point: dict, num_clients: int) -> list[str]:
     """A cell as ``--set`` options of ``fedlora-jax compare``: its ``SystemConfig`` fields as
-    ``system.*`` and ``num_clients`` as ``data.num_clients`` (the adapter payload of the map's
-    third axis is no system setting: not measurable here)."""
+    ``system.*`` and ``num_clients`` (default: the preset's) as ``data.num_clients`` (the
+    adapter payload of the map's third axis is no system setting: not measurable here)."""
     for key in point:
         require(key in (*SYSTEM_FIELDS, "num_clients"), "cell setting", key,
                 "be a field of wireless.SystemConfig or num_clients", "payload is not measured")
     sets = [f"system.{k}={v}" for k, v in point.items() if k != "num_clients"]
-    return sets + [f"data.num_clients={regime_map.cell(point)[1]}"]
+    return sets + [f"data.num_clients={regime_map.cell(point, num_clients)[1]}"]
 
 
-def compare_argv(point: dict, out: Path, *, seeds: str, rounds: int, lr_grid: str) -> list[str]:
-    """The ``fedlora-jax compare`` command line of one cell."""
-    cell = [x for s in overrides(point) for x in ("--set", s)]
-    return ["compare", *PROTOCOL, *cell, "--rounds", str(rounds), "--seeds", seeds,
-            "--strategies", ",".join((REFERENCE, *BASELINES)), "--lr-grid", lr_grid,
+def compare_argv(mode: Mode, point: dict, out: Path, *, num_clients: int, seeds: str,
+                 rounds: int, lr_grid: str | None) -> list[str]:
+    """The ``fedlora-jax compare`` command line of one cell (no ``--lr-grid``: not tuned)."""
+    cell = [x for s in overrides(point, num_clients) for x in ("--set", s)]
+    grid = ["--lr-grid", lr_grid] if lr_grid else []
+    return ["compare", *mode.protocol, *cell, "--rounds", str(rounds), "--seeds", seeds,
+            "--strategies", ",".join((REFERENCE, *mode.baselines)), *grid,
             "--output-dir", str(out)]
+
+
+def tuned_settings(path: Path, names: list[str]) -> tuple[dict[str, compare.Setting], float]:
+    """Each strategy's chosen setting and the target of an earlier comparison's
+    ``protocol.json``: what an untuned cell runs."""
+    tuned = json.loads(path.read_text())
+    missing = [n for n in names if n not in tuned["chosen"]]
+    require(not missing, str(path), f"chosen settings of {missing}", "hold every strategy run",
+            "run that comparison with them, or pass --lr-grid to tune at each cell")
+    return {n: compare.Setting(**tuned["chosen"][n]) for n in names}, float(tuned["target"])
+
+
+def report_at(parsed, chosen: dict[str, compare.Setting], target: float, tuned_at: str) -> None:
+    """compare's reporting stage alone at given settings and target (no tuning at the cell);
+    writes compare's tables, figures and a ``protocol.json`` that names where they came from."""
+    protocol = compare.plan_protocol(parsed)
+    out = Path(parsed.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget, _, warnings = compare.report(protocol, chosen, out, target=target, budget=None,
+                                         reference=REFERENCE, show_seeds=False)
+    (out / "protocol.json").write_text(json.dumps(
+        {"target": target, "budget_s": budget, "seeds": protocol.seeds,
+         "chosen": {n: s._asdict() for n, s in chosen.items()}, "tuned_at": tuned_at,
+         "warnings": warnings}, indent=2))
 
 
 def read_runs(out: Path) -> compare.Runs:
@@ -104,15 +179,15 @@ def estimates(rows_by_seed: dict[int, list[dict]]) -> tuple[float, float]:
             float(np.median([r["est_signal"] for r in last])))
 
 
-def measured(out: Path) -> dict:
+def measured(out: Path, baselines: tuple[str, ...]) -> dict:
     """The measured side of a cell from its finished comparison: target, budget, the best
     baseline, ``adaptive / best`` paired time ratio (CI) and share faster, every baseline's
     ratio, and each strategy's per-round plan and rounds to target."""
     protocol = json.loads((out / "protocol.json").read_text())
     runs = read_runs(out)
     times = compare.censored_times(runs, protocol["target"], protocol["budget_s"])
-    best = min(BASELINES, key=lambda b: float(np.mean(times[b])))  # ties: the first
-    pairs = {b: stats.paired(times[REFERENCE], times[b]) for b in BASELINES}
+    best = min(baselines, key=lambda b: float(np.mean(times[b])))  # ties: the first
+    pairs = {b: stats.paired(times[REFERENCE], times[b]) for b in baselines}
     return {"target": protocol["target"], "budget_s": protocol["budget_s"],
             "chosen_client_lr": {n: s["client_lr"] for n, s in protocol["chosen"].items()},
             "reached": {n: int(stats.censor([compare.time_to_target(rows, protocol["target"])
@@ -130,18 +205,22 @@ def measured(out: Path) -> dict:
 
 
 def predicted(model: regime_map.Model, point: dict, draws: int, g2: float, signal: float
-              ) -> float:
-    """The map's predicted speedup at a cell: median over its network draws."""
-    return float(np.median(regime_map.predicted_speedups(
-        model, *regime_map.cell(point), draws, g2, signal)))
+              ) -> list[float]:
+    """The map's predicted speedups at a cell, one per network draw."""
+    return regime_map.predicted_speedups(
+        model, *regime_map.cell(point, model.num_clients), draws, g2, signal).tolist()
 
 
 def export(out: Path, dst: Path) -> None:
-    """A cell's tables, ``protocol.json`` and gzipped metrics into ``dst`` (for the docs)."""
+    """A cell's tables, ``protocol.json`` and gzipped metrics into ``dst`` (for the docs; the
+    tuning's only where the cell was tuned)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("tuning.md", "summary.md", "paired.md", "protocol.json"):
-        shutil.copy(out / name, dst / name)
+        if (out / name).exists():
+            shutil.copy(out / name, dst / name)
     for name in ("metrics.jsonl", "tuning.jsonl"):
+        if not (out / name).exists():
+            continue
         with open(out / name, "rb") as src, gzip.open(dst / f"{name}.gz", "wb") as f:
             shutil.copyfileobj(src, f)
 
@@ -165,7 +244,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def draw(rows: list[dict], path: Path) -> Path:
+def draw(rows: list[dict], path: Path, mode: Mode) -> Path:
     """Measured against predicted speedup per cell (log axes): a point on the diagonal is a
     prediction that holds, one in the shaded half a cell where ``adaptive`` is slower."""
     import matplotlib
@@ -203,8 +282,8 @@ def draw(rows: list[dict], path: Path) -> Path:
         axis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
-    ax.set_title("adaptive vs the best of FedIT, FSLoRA, HetLoRA: predicted and measured\n"
-                 "(tiny preset, cells of the regime map)", fontsize=10)
+    ax.set_title(f"adaptive vs the best of {', '.join(NAMES[b] for b in mode.baselines)}: "
+                 f"predicted and measured\n({mode.label}, cells of the regime map)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,38 +292,58 @@ def draw(rows: list[dict], path: Path) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", choices=sorted(MODES),
+                   help="the preset the cells vary (default tiny)")
     p.add_argument("--out", default="runs/regime_map", help="folder for measured.json/.png")
-    p.add_argument("--runs", default="runs/regime_measured", help="compare's output, per cell")
-    p.add_argument("--cells", default="preset,radius_100m,radius_2000m,bandwidth_1e8",
-                   help=f"comma-separated, of {', '.join(CELLS)}")
-    p.add_argument("--seeds", default="0-19")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--lr-grid", default="3e-3,1e-2,3e-2,1e-1")
+    p.add_argument("--runs", help="compare's output, per cell (default runs/regime_measured, "
+                                  "MiniLM: runs/regime_measured_minilm)")
+    p.add_argument("--cells", help=f"comma-separated, of {', '.join(CELLS)} (default "
+                                   "preset,radius_100m,radius_2000m,bandwidth_1e8; MiniLM: "
+                                   "bandwidth_1e9,bandwidth_1e6,radius_2000m, its preset cell "
+                                   "being section 6's runs)")
+    p.add_argument("--seeds", help="default 0-19 (MiniLM: 0-4)")
+    p.add_argument("--rounds", type=int, help="default 30 (MiniLM: 20)")
+    p.add_argument("--lr-grid", help="tune at every cell on this grid (default "
+                                     "3e-3,1e-2,3e-2,1e-1; MiniLM: none, section 6's settings)")
     p.add_argument("--draws", type=int, default=3, help="network draws of the prediction")
     args = p.parse_args(argv)
-    names = [c for c in args.cells.split(",") if c]
+    mode = MODES[args.model]
+    seeds, rounds = args.seeds or mode.seeds, args.rounds or mode.rounds
+    lr_grid = args.lr_grid or mode.lr_grid
+    names = [c for c in (args.cells or mode.cells).split(",") if c]
     unknown = [c for c in names if c not in CELLS]
     if unknown or not names:
         p.error(f"--cells: unknown {unknown or 'none given'}; choose from {', '.join(CELLS)}")
-    out, runs_dir = Path(args.out), Path(args.runs)
-    argvs = {c: compare_argv(CELLS[c], runs_dir / c, seeds=args.seeds, rounds=args.rounds,
-                             lr_grid=args.lr_grid) for c in names}
+    out, runs_dir = Path(args.out), Path(args.runs or mode.runs)
+    clients = load_config(preset=mode.preset).data.num_clients
+    argvs = {c: compare_argv(mode, CELLS[c], runs_dir / c, num_clients=clients, seeds=seeds,
+                             rounds=rounds, lr_grid=lr_grid) for c in names}
     parsed = {c: build_parser().parse_args(a) for c, a in argvs.items()}
-    for a in parsed.values():
-        compare.plan_protocol(a)  # every cell's configs validated before anything runs
+    fixed = None if lr_grid else tuned_settings(Path(mode.tuned_at),
+                                               [REFERENCE, *mode.baselines])
+    for a in parsed.values():  # every cell's configs validated before anything runs
+        protocol = compare.plan_protocol(a)
+        for name, setting in (fixed[0] if fixed else {}).items():
+            protocol.config(name, setting, protocol.seeds[0], "test")
     out.mkdir(parents=True, exist_ok=True)
-    model = regime_map.model_of("tiny")
+    model = regime_map.model_of(mode.preset)
     rows = []
     for c in names:
         start, load = time.perf_counter(), os.getloadavg()
-        compare.main(parsed[c])
-        side = measured(runs_dir / c)
+        if fixed:
+            report_at(parsed[c], *fixed, mode.tuned_at)
+        else:
+            compare.main(parsed[c])
+        side = measured(runs_dir / c, mode.baselines)
         export(runs_dir / c, out / "measured" / c)
         g2, signal = side["adaptive_estimates"].values()
+        draws = predicted(model, CELLS[c], args.draws, mode.g2, mode.signal)
         rows.append({
             "cell": c, "settings": CELLS[c], "command": "fedlora-jax " + " ".join(argvs[c]),
-            "predicted": predicted(model, CELLS[c], args.draws, regime_map.G2, regime_map.SIGNAL),
-            "predicted_own_estimates": predicted(model, CELLS[c], args.draws, g2, signal),
+            **({"tuned_at": mode.tuned_at} if fixed else {}),
+            "predicted": float(np.median(draws)), "predicted_draws": draws,  # median: the map's
+            "predicted_own_estimates": float(np.median(
+                predicted(model, CELLS[c], args.draws, g2, signal))),
             "measured": side, "host_s": round(time.perf_counter() - start, 1),
             "load_average_before": load, "load_average_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
@@ -252,10 +351,10 @@ def main(argv=None) -> None:
               f"{side['best_baseline']} {stats.Interval(**side['ratio'])} "
               f"({rows[-1]['host_s']} s)", flush=True)
         (out / "measured.json").write_text(json.dumps(
-            {"draws": args.draws, "map_g2": regime_map.G2, "map_signal": regime_map.SIGNAL,
-             "cells": rows}, indent=1))  # after every cell: an interrupted sweep keeps its rows
+            {"model": args.model, "draws": args.draws, "map_g2": mode.g2,
+             "map_signal": mode.signal, "cells": rows}, indent=1))  # after every cell
     print(table(rows))
-    print(f"wrote {draw(rows, out / 'measured.png')} and measured.json")
+    print(f"wrote {draw(rows, out / 'measured.png', mode)} and measured.json")
 
 
 if __name__ == "__main__":
