@@ -14,10 +14,12 @@ on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
 Barzilai-Borwein steps and a backtracking Armijo line search, from several starts -- the uniform,
 fixed-ratio and full baselines, starts from the problem's structure (everyone at ``q = 1`` or
 ``q_min``, with the slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and
-random points, vmapped, each descended twice (the second a restart where the first ended), for up
-to ``multistart_max_clients`` clients. ``rho`` is then rounded to the grid ``k / r``, ``q``
-re-polished at the rounded ``rho``, and the result never returned worse than the baselines. Above
-``multistart_max_clients`` clients only the best of the non-random starts is rounded and polished.
+random points, vmapped -- for up to ``multistart_max_clients`` clients. ``rho`` is then rounded
+to the grid ``k / r`` and ``q`` re-polished at the rounded ``rho``; from the best polished start a
+coordinate search on the grid moves one client's ``q`` or ``k`` at a time (the surrogate is a
+sawtooth along a slow client's ``rho``, where the gradient stalls), and the result is never
+returned worse than the baselines. Above ``multistart_max_clients`` clients only the best of the
+non-random starts is rounded and polished.
 Clients are padded to a few bucket sizes, so a sweep over the client count compiles once per
 bucket; the bandwidth, the round cost and the box (rank, bounds,
 baselines: :class:`Box`) are traced values.
@@ -79,11 +81,11 @@ class SolverConfig:
     q_min: float = 0.05
     baseline_q: float = 0.2
     baseline_rho: float | None = None
-    restarts: int = 12
+    restarts: int = 4
     multistart_max_clients: int = 500
     max_iters: int = 100
     max_backtracks: int = 8
-    descents: int = 2
+    descents: int = 1
     search_rounds: int = 16
     xtol: float = 1e-4
     ftol: float = 1e-6
