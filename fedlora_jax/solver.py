@@ -388,7 +388,7 @@ def coordinate_search(f: Callable[[jax.Array], jax.Array], x: jax.Array, lo: jax
     Why values and not the gradient: the normal surrogate is only piecewise smooth (its quadrature
     nodes see a client's CDF step cross from one node to the next), so along a slow client's ``rho``
     ``J`` is a sawtooth whose teeth slope against its trend; a descent stops on a tooth, a move of
-    one client across several teeth does not (docs/method.md, "Coordinate search").
+    one client across several teeth does not (docs/method.md, "Why a coordinate search").
     """
     chex.assert_rank(x, 2)
     n, dtype = x.shape[1], x.dtype
