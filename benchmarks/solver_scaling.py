@@ -2,8 +2,10 @@
 
     python benchmarks/solver_scaling.py --quick --json runs/solver_scaling.json
 
-Rows: num_clients, scenarios, solve_s (after compile), per_scenario_s (solve_s / scenarios: compare
-the batched rows with the single solve of the same size), compile_s (first call minus a solve), peak_mem_mb (process peak RSS so
+Rows: num_clients, scenarios, solve_s (after compile), solve_cpu_s (the process's CPU time over
+the same call: on a shared machine it moves less with the other jobs than wall time),
+per_scenario_s (solve_s / scenarios: compare the batched rows with the single solve of the same
+size), compile_s (first call minus a solve), peak_mem_mb (process peak RSS so
 far), objective and uniform_objective (the uniform baseline's; means over scenarios), scipy_s and
 scipy_objective (L-BFGS-B on the same jitted objective and gradient, one start at the uniform
 baseline, continuous rho; None where skipped as too slow). Goals: N = 10^5 in under 2 s, and 1000
@@ -59,11 +61,12 @@ def bench(n: int, scenarios: int, cfg: solver.SolverConfig, with_scipy: bool) ->
     t0 = time.perf_counter()
     jax.block_until_ready(run(*args))  # compiles (once per client-count bucket)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = jax.block_until_ready(run(*args))
-    solve_s = time.perf_counter() - t0
+    solve_s, solve_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     compile_s -= solve_s
-    row = {"num_clients": n, "scenarios": scenarios, "solve_s": solve_s, "per_scenario_s": solve_s / scenarios,
+    row = {"num_clients": n, "scenarios": scenarios, "solve_s": solve_s, "solve_cpu_s": solve_cpu_s,
+           "per_scenario_s": solve_s / scenarios,
            "compile_s": compile_s, "peak_mem_mb": _peak_mb(), "objective": float(jnp.mean(res.objective)),
            "uniform_objective": float(jnp.mean(res.baselines["uniform"]["objective"])),
            "scipy_s": None, "scipy_objective": None}
@@ -98,13 +101,13 @@ def main() -> None:
         plan = [(10 ** e, 1, e <= 4) for e in range(2, 7)] + [(100, 100, False), (1000, 100, False),
                                                               (1000, 1000, False)]
     rows = []
-    print(f"{'clients':>9} {'scen':>5} {'solve_s':>9} {'per_scen':>9} {'compile_s':>9} {'peak_MB':>8} {'objective':>11} "
+    print(f"{'clients':>9} {'scen':>5} {'solve_s':>9} {'cpu_s':>7} {'per_scen':>9} {'compile_s':>9} {'peak_MB':>8} {'objective':>11} "
           f"{'uniform':>11} {'scipy_s':>8} {'scipy_obj':>11}")
     for n, s, sp in plan:
         row = bench(n, s, cfg, sp)
         rows.append(row)
         fmt = lambda v, f: "-" if v is None else format(v, f)
-        print(f"{n:>9} {s:>5} {row['solve_s']:>9.3f} {row['per_scenario_s']:>9.4f} {row['compile_s']:>9.2f} {row['peak_mem_mb']:>8.0f} "
+        print(f"{n:>9} {s:>5} {row['solve_s']:>9.3f} {row['solve_cpu_s']:>7.2f} {row['per_scenario_s']:>9.4f} {row['compile_s']:>9.2f} {row['peak_mem_mb']:>8.0f} "
               f"{row['objective']:>11.1f} {row['uniform_objective']:>11.1f} {fmt(row['scipy_s'], '8.3f'):>8} {fmt(row['scipy_objective'], '11.1f'):>11}",
               flush=True)
         if args.json:

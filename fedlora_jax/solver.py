@@ -14,10 +14,12 @@ on ``log J`` in the variables ``(log q, log rho)`` (a box: projection is a clip)
 Barzilai-Borwein steps and a backtracking Armijo line search, from several starts -- the uniform,
 fixed-ratio and full baselines, starts from the problem's structure (everyone at ``q = 1`` or
 ``q_min``, with the slow clients sketched down, everyone at ``rho = 1/r``, or at full rank) and
-random points, vmapped, each descended twice (the second a restart where the first ended), for up
-to ``multistart_max_clients`` clients. ``rho`` is then rounded to the grid ``k / r``, ``q``
-re-polished at the rounded ``rho``, and the result never returned worse than the baselines. Above
-``multistart_max_clients`` clients only the best of the non-random starts is rounded and polished.
+random points, vmapped -- for up to ``multistart_max_clients`` clients. ``rho`` is then rounded
+to the grid ``k / r`` and ``q`` re-polished at the rounded ``rho``; from the best polished start a
+coordinate search on the grid moves one client's ``q`` or ``k`` at a time (the surrogate is a
+sawtooth along a slow client's ``rho``, where the gradient stalls), and the result is never
+returned worse than the baselines. Above ``multistart_max_clients`` clients only the best of the
+non-random starts is rounded and polished.
 Clients are padded to a few bucket sizes, so a sweep over the client count compiles once per
 bucket; the bandwidth, the round cost and the box (rank, bounds,
 baselines: :class:`Box`) are traced values.
@@ -60,6 +62,9 @@ class SolverConfig:
       max_backtracks: line-search backtracks per iteration.
       descents: descents in the box from every start before rounding, each restarted where the
         last ended (0: the start's ``rho`` is rounded and only ``q`` descended).
+      search_rounds: rounds of the coordinate search from the best polished start (one move of one
+        client's ``q`` or grid ``rho`` a round, the best of all such moves; stops sooner when none
+        lowers ``J``); 0 above ``multistart_max_clients``.
       xtol: stop when no ``log q`` or ``log rho`` moves by more than this in an iteration ...
       ftol, patience: ... or after ``patience`` iterations that lower ``log J`` by less than ``ftol``.
       surrogate: expected-round-time surrogate, ``normal`` (default) or ``demand``.
@@ -76,11 +81,12 @@ class SolverConfig:
     q_min: float = 0.05
     baseline_q: float = 0.2
     baseline_rho: float | None = None
-    restarts: int = 12
+    restarts: int = 4
     multistart_max_clients: int = 500
     max_iters: int = 100
     max_backtracks: int = 8
-    descents: int = 2
+    descents: int = 1
+    search_rounds: int = 16
     xtol: float = 1e-4
     ftol: float = 1e-6
     patience: int = 5
@@ -106,7 +112,7 @@ class SolverConfig:
                 f"be k / {r} for an integer 1 <= k <= {r}")
         require(self.restarts >= 0, "SolverConfig.restarts", self.restarts, "be a count >= 0")
         require(self.max_iters >= 1, "SolverConfig.max_iters", self.max_iters, "be a count >= 1")
-        for name in ("descents", "large_descents"):
+        for name in ("descents", "large_descents", "search_rounds"):
             require(getattr(self, name) >= 0, f"SolverConfig.{name}", getattr(self, name), "be a count >= 0")
         for name in ("patience", "large_patience", "max_backtracks", "large_max_backtracks"):
             require(getattr(self, name) >= 1, f"SolverConfig.{name}", getattr(self, name), "be a count >= 1")
@@ -127,7 +133,7 @@ class SolverConfig:
         return dataclasses.replace(self, quad_points=self.large_quad_points,
                                    support_iters=self.large_support_iters, ftol=self.large_ftol,
                                    patience=self.large_patience, max_backtracks=self.large_max_backtracks,
-                                   descents=self.large_descents)
+                                   descents=self.large_descents, search_rounds=0)
 
     @property
     def fixed_ratio(self) -> float:
@@ -365,6 +371,56 @@ def round_rho(rho: jax.Array, rank: int) -> jax.Array:
     return jnp.clip(jnp.round(rho * rank), 1, rank).astype(jnp.int32)
 
 
+# The coordinate search's moves: of one client's log q by these steps, or of its rank k to k +- 1 and
+# to k times these factors (rounded to the grid).
+_Q_STEPS = (-1.0, -0.2, 0.2, 1.0)
+_K_FACTORS = (float(np.exp(-1.5)), float(np.exp(-0.5)), float(np.exp(0.5)), float(np.exp(1.5)))
+
+
+def coordinate_search(f: Callable[[jax.Array], jax.Array], x: jax.Array, lo: jax.Array, hi: jax.Array,
+                      rank: int | jax.Array, rounds: int) -> tuple[jax.Array, jax.Array]:
+    """Greedy pattern search on the grid from ``x = (log q, log(k / rank))``, (2, N): each round
+    evaluates every move of one coordinate (``log q_n`` by ``_Q_STEPS`` within ``[lo, hi]``; ``k_n``
+    to ``k_n +- 1`` and ``k_n`` times ``_K_FACTORS``, rounded, within the bounds) at once, vmapped,
+    and takes the best if it lowers ``f``; stops after ``rounds`` rounds or when none does. Returns
+    ``(x, f(x))``.
+
+    Why values and not the gradient: the normal surrogate is only piecewise smooth (its quadrature
+    nodes see a client's CDF step cross from one node to the next), so along a slow client's ``rho``
+    ``J`` is a sawtooth whose teeth slope against its trend; a descent stops on a tooth, a move of
+    one client across several teeth does not (docs/method.md, "Why a coordinate search").
+    """
+    chex.assert_rank(x, 2)
+    n, dtype = x.shape[1], x.dtype
+    q_steps, k_factors = jnp.asarray(_Q_STEPS, dtype), jnp.asarray(_K_FACTORS, dtype)
+    row = jnp.concatenate([jnp.zeros(len(_Q_STEPS), int), jnp.ones(2 + len(_K_FACTORS), int)])
+    # (client j, move m, row, client i): move m of client j changes x[row[m], j]
+    changes = (row[None, :, None, None] == jnp.arange(2)[:, None]) & jnp.eye(n, dtype=bool)[:, None, None]
+
+    def candidates(x):
+        k = jnp.round(jnp.exp(x[1]) * rank)
+        ks = jnp.concatenate([k[:, None] + jnp.asarray([-1.0, 1.0], dtype), jnp.round(k[:, None] * k_factors)], 1)
+        new = jnp.concatenate([x[0][:, None] + q_steps, jnp.log(jnp.clip(ks, 1, rank) / rank)], 1)  # (N, moves)
+        stacked = jnp.stack([lo, hi])[:, row, :].transpose(0, 2, 1)  # (2, N, moves): each move's row bounds
+        new = jnp.clip(new, stacked[0], stacked[1])
+        return jnp.where(changes, new[:, :, None, None], x).reshape(-1, 2, n)
+
+    def cond(c):
+        it, _, _, moved = c
+        return (it < rounds) & moved
+
+    def body(c):
+        it, x, fx, _ = c
+        cand = candidates(x)
+        fs = jax.vmap(f)(cand)
+        i = jnp.argmin(jnp.where(jnp.isnan(fs), jnp.inf, fs))
+        moved = fs[i] < fx
+        return it + 1, jnp.where(moved, cand[i], x), jnp.where(moved, fs[i], fx), moved
+
+    _, x, fx, _ = jax.lax.while_loop(cond, body, (0, x, f(x), True))
+    return x, fx
+
+
 def _baselines(n: int, box: Box, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
     q = jnp.full(n, box.baseline_q, dtype)
     one = jnp.ones(n, dtype)
@@ -430,10 +486,13 @@ def _solve_problem(problem: Problem, key: jax.Array, box: Box, cfg: SolverConfig
 
     zeros = jnp.zeros(len(starts), dtype)
     xs, fs, f_starts = jax.lax.fori_loop(0, cfg.descents + 1, phase, (starts, zeros, zeros))
-    # The best polished start, or a baseline (on the grid, its log J known from the screening or
-    # the first evaluation of its descent) if one is better: never worse. E[T] = J / rounds.
-    candidates = jnp.concatenate([xs[jnp.argmin(fs)][None], base_x])
-    log_j = jnp.concatenate([jnp.min(fs)[None], (screened if large else f_starts)[:len(base)]])
+    x, fx = xs[jnp.argmin(fs)], jnp.min(fs)
+    if cfg.search_rounds:  # from the best polished start, on the grid
+        x, fx = coordinate_search(f, x, lo, hi, box.rank, cfg.search_rounds)
+    # The best plan, or a baseline (on the grid, its log J known from the screening or the first
+    # evaluation of its descent) if one is better: never worse. E[T] = J / rounds.
+    candidates = jnp.concatenate([x[None], base_x])
+    log_j = jnp.concatenate([fx[None], (screened if large else f_starts)[:len(base)]])
     rounds = jax.vmap(lambda x: predicted_rounds(problem, jnp.exp(x[0]), jnp.exp(x[1])))(candidates)
     terms = {"objective": jnp.exp(log_j), "expected_round_time": jnp.exp(log_j) / rounds, "predicted_rounds": rounds}
     best = jnp.argmin(log_j)
