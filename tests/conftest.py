@@ -3,15 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-
-# The tests are compile-bound (tiny models, a few steps each), and LLVM's backend optimizations
-# cost them more compile time than they save at run time: at level 0 test_packed.py and
-# test_engine.py take 26% less CPU (171 vs 231 s, 2026-12-01). XLA's own passes (fusion, layout)
-# still run, so the programs are the same; float results may differ in rounding (1e-7 relative in
-# a tiny run). Set before any backend starts; subprocesses and notebook kernels inherit it.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import jax
 import numpy as np
