@@ -4,7 +4,8 @@
 #   bash docs/results/regenerate.sh            # every experiment
 #   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, minilm_sgd, tiny_adamw, tiny_sgd,
 #                                              # tiny_adamw_calibrated, tiny_sgd_calibrated,
-#                                              # tiny_sgd_rounds, minilm_sgd_rounds)
+#                                              # tiny_sgd_rounds, minilm_sgd_rounds,
+#                                              # tiny_adamw_server, tiny_sgd_server)
 # Sections 1-8 of docs/results.md were tuned with --tune-score budget (compare's default then);
 # their entries keep it, so they reproduce the tables shown; tiny_sgd_rounds scores whole runs.
 set -euo pipefail
@@ -61,6 +62,16 @@ fi
 if want tiny_sgd_rounds; then  # section 2 with every trial scored over all its rounds
   experiment tiny_sgd_rounds "${TINY[@]}" --strategies adaptive,fedit,hetlora \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1 --tune-score rounds
+fi
+# sections 1 and 2 with the server step tuned too (FedAvg's step: 0.5 damps, 2 extrapolates) and
+# every trial scored over its whole run
+SERVER=(--server-lr-grid 0.5,1,2 --tune-score rounds)
+if want tiny_adamw_server; then
+  experiment tiny_adamw_server "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1 "${SERVER[@]}"
+fi
+if want tiny_sgd_server; then
+  experiment tiny_sgd_server "${TINY[@]}" --strategies adaptive,fedit,hetlora \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1 "${SERVER[@]}"
 fi
 CALIBRATED=(--strategies adaptive,adaptive_calibrated,hetlora,fedit --reference adaptive_calibrated)
 if want tiny_adamw_calibrated; then  # the calibrated rounds model's ablation
