@@ -54,6 +54,9 @@ CELLS = {  # name: settings over the preset's (10 MHz, sigma 0.5, 500 m; 16 or 1
     "bandwidth_1e8": {"bandwidth_hz": 1e8},
     "bandwidth_1e9": {"bandwidth_hz": 1e9},
     "clients_64": {"num_clients": 64},
+    # compute-bound on MiniLM: phone-class compute (median 1e11 FLOP/s, a wide spread) in a small
+    # cell, so each client's local steps take 2-6x its upload
+    "compute_bound": {"flops_median": 1e11, "flops_log_sigma": 1.0, "cell_radius_m": 100.0},
 }
 REFERENCE = "adaptive"
 SYSTEM_FIELDS = tuple(f.name for f in dataclasses.fields(wireless.SystemConfig))

@@ -5,7 +5,8 @@
 #   bash docs/results/regenerate.sh tiny_adamw # one of them (minilm, minilm_sgd, tiny_adamw, tiny_sgd,
 #                                              # tiny_adamw_calibrated, tiny_sgd_calibrated,
 #                                              # tiny_sgd_rounds, minilm_sgd_rounds,
-#                                              # tiny_adamw_server, tiny_sgd_server)
+#                                              # tiny_adamw_server, tiny_sgd_server,
+#                                              # tiny_adamw_calibrated_rounds, tiny_sgd_calibrated_rounds)
 # Sections 1-8 of docs/results.md were tuned with --tune-score budget (compare's default then);
 # their entries keep it, so they reproduce the tables shown; tiny_sgd_rounds scores whole runs.
 set -euo pipefail
@@ -80,4 +81,12 @@ fi
 if want tiny_sgd_calibrated; then
   experiment tiny_sgd_calibrated "${TINY[@]}" "${CALIBRATED[@]}" \
     --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1
+fi
+if want tiny_adamw_calibrated_rounds; then  # section 7 with every trial scored over its whole run
+  experiment tiny_adamw_calibrated_rounds "${TINY[@]}" "${CALIBRATED[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1 \
+    --tune-score rounds
+fi
+if want tiny_sgd_calibrated_rounds; then
+  experiment tiny_sgd_calibrated_rounds "${TINY[@]}" "${CALIBRATED[@]}" \
+    --set client_optimizer.name=sgd --lr-grid 0.03,0.1,0.3,1 --tune-score rounds
 fi
