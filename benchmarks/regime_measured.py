@@ -117,12 +117,14 @@ def overrides(point: dict, num_clients: int) -> list[str]:
 
 
 def compare_argv(mode: Mode, point: dict, out: Path, *, num_clients: int, seeds: str,
-                 rounds: int, lr_grid: str | None) -> list[str]:
-    """The ``fedlora-jax compare`` command line of one cell (no ``--lr-grid``: not tuned)."""
+                 rounds: int, lr_grid: str | None, tune_score: str | None = None) -> list[str]:
+    """The ``fedlora-jax compare`` command line of one cell (no ``--lr-grid``: not tuned;
+    ``tune_score`` overrides the mode's)."""
     cell = [x for s in overrides(point, num_clients) for x in ("--set", s)]
     grid = ["--lr-grid", lr_grid] if lr_grid else []
+    score = ["--tune-score", tune_score] if tune_score else []
     return ["compare", *mode.protocol, *cell, "--rounds", str(rounds), "--seeds", seeds,
-            "--strategies", ",".join((REFERENCE, *mode.baselines)), *grid,
+            "--strategies", ",".join((REFERENCE, *mode.baselines)), *grid, *score,
             "--output-dir", str(out)]
 
 
@@ -309,6 +311,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, help="default 30 (MiniLM: 20)")
     p.add_argument("--lr-grid", help="tune at every cell on this grid (default "
                                      "3e-3,1e-2,3e-2,1e-1; MiniLM: none, section 6's settings)")
+    p.add_argument("--tune-score", choices=("rounds", "budget"),
+                   help="compare's tuning score (default: the mode's; tiny: budget, as section 3's "
+                        "cells were tuned)")
     p.add_argument("--draws", type=int, default=3, help="network draws of the prediction")
     args = p.parse_args(argv)
     mode = MODES[args.model]
@@ -321,7 +326,8 @@ def main(argv=None) -> None:
     out, runs_dir = Path(args.out), Path(args.runs or mode.runs)
     clients = load_config(preset=mode.preset).data.num_clients
     argvs = {c: compare_argv(mode, CELLS[c], runs_dir / c, num_clients=clients, seeds=seeds,
-                             rounds=rounds, lr_grid=lr_grid) for c in names}
+                             rounds=rounds, lr_grid=lr_grid, tune_score=args.tune_score)
+             for c in names}
     parsed = {c: build_parser().parse_args(a) for c, a in argvs.items()}
     fixed = None if lr_grid else tuned_settings(Path(mode.tuned_at),
                                                [REFERENCE, *mode.baselines])

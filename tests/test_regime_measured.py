@@ -34,6 +34,16 @@ def test_a_cell_sets_the_system_the_map_models(name, preset, clients):
             and cfg.data.num_clients == point.get("num_clients", clients))
 
 
+@pytest.mark.parametrize("score,expected", [(None, "budget"), ("rounds", "rounds")])
+def test_a_tiny_cell_is_tuned_with_the_given_score(score, expected):
+    """``--tune-score`` reaches compare; without it the tiny cells keep section 3's score."""
+    mode = regime_measured.MODES["tiny"]
+    argv = regime_measured.compare_argv(mode, regime_measured.CELLS["radius_2000m"], Path("x"),
+                                        num_clients=16, seeds="0-1", rounds=2,
+                                        lr_grid=mode.lr_grid, tune_score=score)
+    assert build_parser().parse_args(argv).tune_score == expected
+
+
 def test_a_cell_outside_the_system_is_refused():
     with pytest.raises(ValueError, match="cell setting must be a field of wireless.SystemConfig"):
         regime_measured.overrides({"payload": 4.0}, 16)
