@@ -6,7 +6,8 @@
 #                                              # tiny_adamw_calibrated, tiny_sgd_calibrated,
 #                                              # tiny_sgd_rounds, minilm_sgd_rounds,
 #                                              # tiny_adamw_server, tiny_sgd_server,
-#                                              # tiny_adamw_calibrated_rounds, tiny_sgd_calibrated_rounds)
+#                                              # tiny_adamw_calibrated_rounds, tiny_sgd_calibrated_rounds,
+#                                              # minilm_server)
 # Sections 1-8 of docs/results.md were tuned with --tune-score budget (compare's default then);
 # their entries keep it, so they reproduce the tables shown; tiny_sgd_rounds scores whole runs.
 set -euo pipefail
@@ -52,6 +53,12 @@ if want minilm_sgd_rounds; then
   # 0.3 for all three), against section 8's target; the one-point grid keeps its tuning to 3 runs
   experiment minilm_sgd_rounds "${MINILM[@]}" --strategies adaptive,fedit,hetlora \
     --set client_optimizer.name=sgd --lr-grid 0.3 --target 0.4940217391304348 --tune-score rounds
+fi
+if want minilm_server; then
+  # section 6's three main strategies with the server step tuned too (momentum 0.5 at 0.5 or 1)
+  # and every trial scored over its whole run
+  experiment minilm_server "${MINILM[@]}" --strategies adaptive,fedit,hetlora \
+    --server-lr-grid 0.5,1 --tune-score rounds
 fi
 if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
