@@ -9,7 +9,8 @@
 #                                              # tiny_adamw_calibrated_rounds, tiny_sgd_calibrated_rounds,
 #                                              # minilm_server)
 # Sections 1-8 of docs/results.md were tuned with --tune-score budget (compare's default then);
-# their entries keep it, so they reproduce the tables shown; tiny_sgd_rounds scores whole runs.
+# their entries keep it, so they reproduce the tables shown. The *_rounds and *_server entries
+# (and section 9) score whole runs (--tune-score rounds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code
