@@ -12,10 +12,14 @@ run splits the band equally, so there the two times differ by design.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from fedlora_jax import solver as solver_lib
 from fedlora_jax.strategies.base import Context, Plan
+
+# Jitted: evaluated op by op, the surrogate's loops and quadrature cost seconds at the end of a run.
+_expected_round_time = jax.jit(solver_lib.expected_round_time, static_argnames="cfg")
 
 
 def predicted_round_s(ctx: Context, plan: Plan) -> float:
@@ -27,8 +31,8 @@ def predicted_round_s(ctx: Context, plan: Plan) -> float:
     problem = solver_lib.make_problem(ctx.profile, ctx.system, ctx.workload, np.ones(n, np.float32),
                                       ctx.weights, 1.0, 1.0, overhead_s=ctx.round_overhead_s)
     rho = np.asarray(plan.k, np.float32) / ctx.rank
-    cfg = solver_lib.SolverConfig(rank=ctx.rank)
-    return float(solver_lib.expected_round_time(problem, np.asarray(plan.q, np.float32), rho, cfg))
+    cfg = solver_lib.SolverConfig(rank=ctx.rank).numerics()  # the rank does not enter a round's time
+    return float(_expected_round_time(problem, np.asarray(plan.q, np.float32), rho, cfg))
 
 
 def simulated_round_s(history: list[dict], since_round: int) -> tuple[float, int]:

@@ -2,6 +2,7 @@
 strategy's schedule, estimates and solve, and one real run through ``train``."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,16 @@ def test_adaptive_schedule_pilot_then_every_k_rounds():
         strategies.Adaptive(sampling_only=True, sketch_only=True)
 
 
+@jax.jit
+def _objective_terms(problem, q, rho):
+    return solver.objective_terms(problem, q, rho, solver.SolverConfig(rank=R))
+
+
+def _objective(problem, plan):
+    """``J`` of ``plan`` on ``problem``, jitted (op by op, the surrogate's loops cost seconds a call)."""
+    return float(_objective_terms(problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32))["objective"])
+
+
 def _with_optimizer(ctx, name):
     """``ctx`` with the run's client optimizer, which the strategies read as ``ctx.client_optimizer``."""
     return dataclasses.replace(ctx, client_optimizer=name)
@@ -119,9 +130,7 @@ def test_adaptive_plans_beat_the_uniform_baseline_on_the_model(optimizer):
     problem = solver.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2, ctx.weights,
                                   1.0 / est.signal, 1.0, law=theory.update_law(optimizer),
                                   overhead_s=ctx.round_overhead_s)
-    cfg = solver.SolverConfig(rank=R)
-    objective = lambda plan: float(solver.objective_terms(
-        problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32), cfg)["objective"])
+    objective = functools.partial(_objective, problem)
     uniform = objective(ctx.uniform())
     for name in ("adaptive", "luo", "adaptive_sketch_only"):
         plan = strategies.get_strategy(name).plan(5, ctx, est)
@@ -152,9 +161,7 @@ def test_adaptive_calibrated_plans_with_its_own_rounds_model():
     problem = solver.make_problem(ctx.profile, ctx.system, ctx.workload, est.g2, ctx.weights,
                                   theory.CALIBRATED_NOISE_SCALE / est.signal, 1.0, law=law,
                                   overhead_s=ctx.round_overhead_s)
-    cfg = solver.SolverConfig(rank=R)
-    objective = lambda plan: float(solver.objective_terms(
-        problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32), cfg)["objective"])
+    objective = functools.partial(_objective, problem)
     plan, paper = calibrated.plan(5, ctx, est), strategies.get_strategy("adaptive").plan(5, ctx, est)
     assert objective(plan) <= objective(ctx.uniform()) * (1 + 1e-5)
     assert objective(plan) < objective(paper)  # the options reach the solver
