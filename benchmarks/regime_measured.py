@@ -99,7 +99,7 @@ MODES = {
     # (docs/results/protocol_minilm/metrics.jsonl.gz)
     "minilm": Mode("default", "MiniLM, the embedded default",
                    ("--tune-seeds", "1000", "--set", "eval_every=2", "--set", "checkpoint_every=0"),
-                   ("fedit", "hetlora"), "bandwidth_1e9,bandwidth_1e6,radius_2000m",
+                   ("fedit", "hetlora"), "bandwidth_1e9,bandwidth_1e6,radius_2000m,compute_bound",
                    "0-4", 20, None, 39.07, 1.566,
                    "runs/regime_measured_minilm", "docs/results/protocol_minilm/protocol.json"),
 }
@@ -305,7 +305,7 @@ def main(argv=None) -> None:
                                   "MiniLM: runs/regime_measured_minilm)")
     p.add_argument("--cells", help=f"comma-separated, of {', '.join(CELLS)} (default "
                                    "preset,radius_100m,radius_2000m,bandwidth_1e8; MiniLM: "
-                                   "bandwidth_1e9,bandwidth_1e6,radius_2000m, its preset cell "
+                                   "bandwidth_1e9,bandwidth_1e6,radius_2000m,compute_bound, its preset cell "
                                    "being section 6's runs)")
     p.add_argument("--seeds", help="default 0-19 (MiniLM: 0-4)")
     p.add_argument("--rounds", type=int, help="default 30 (MiniLM: 20)")
