@@ -112,7 +112,8 @@ def _objective_terms(problem, q, rho):
 
 def _objective(problem, plan):
     """``J`` of ``plan`` on ``problem``, jitted (op by op, the surrogate's loops cost seconds a call)."""
-    return float(_objective_terms(problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32))["objective"])
+    terms = _objective_terms(problem, jnp.asarray(plan.q), jnp.asarray(plan.k / R, jnp.float32))
+    return float(terms["objective"])
 
 
 def _with_optimizer(ctx, name):
