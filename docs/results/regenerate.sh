@@ -56,9 +56,10 @@ if want minilm_sgd_rounds; then
     --set client_optimizer.name=sgd --lr-grid 0.3 --target 0.4940217391304348 --tune-score rounds
 fi
 if want minilm_server; then
-  # section 6 with the server step tuned too (momentum 0.5 at 0.5 or 1) and every trial scored
-  # over its whole run
-  experiment minilm_server "${MINILM[@]}" --server-lr-grid 0.5,1 --tune-score rounds
+  # section 6's three main strategies with the server step tuned too (momentum 0.5 at 0.5 or 1)
+  # and every trial scored over its whole run
+  experiment minilm_server "${MINILM[@]}" --strategies adaptive,fedit,hetlora \
+    --server-lr-grid 0.5,1 --tune-score rounds
 fi
 if want tiny_adamw; then
   experiment tiny_adamw "${TINY[@]}" --lr-grid 3e-3,1e-2,3e-2,1e-1
